@@ -1,0 +1,5 @@
+"""tcompile.passes — installed as `tcompile.passes` through setuptools' package-dir mapping."""
+if __name__ != "tcompile.passes":
+    raise ImportError(
+        "'passes' is part of tcompile and must be imported as 'tcompile.passes', not as a top-level package."
+    )
