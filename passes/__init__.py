@@ -3,3 +3,5 @@ if __name__ != "tcompile.passes":
     raise ImportError(
         "'passes' is part of tcompile and must be imported as 'tcompile.passes', not as a top-level package."
     )
+
+from tcompile.passes import token_merging, token_pruning  # noqa: E402,F401  (register the passes)

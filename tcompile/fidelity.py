@@ -1,0 +1,30 @@
+"""Fidelity of an optimized model's outputs against a reference: the quality side of a budget."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tcompile import _compat_core as compat
+
+
+def _float_leaves(tree: Any) -> list[torch.Tensor]:
+    leaves = compat.flatten_inputs((tree,), {})[0]
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def output_cosine(reference: Any, candidate: Any) -> float:
+    """Mean over examples of the cosine similarity of all float outputs concatenated per example."""
+    ref, cand = _float_leaves(reference), _float_leaves(candidate)
+    if len(ref) != len(cand) or not ref:
+        raise ValueError("outputs differ in structure; cannot compare them")
+    a = torch.cat([t.reshape(t.shape[0], -1).double() for t in ref], dim=1)
+    b = torch.cat([t.reshape(t.shape[0], -1).double() for t in cand], dim=1)
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).mean())
+
+
+def max_abs_error(reference: Any, candidate: Any) -> float:
+    ref, cand = _float_leaves(reference), _float_leaves(candidate)
+    if len(ref) != len(cand):
+        raise ValueError("outputs differ in structure; cannot compare them")
+    return max((float((r.double() - c.double()).abs().max()) for r, c in zip(ref, cand) if r.numel()), default=0.0)
