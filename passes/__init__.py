@@ -5,3 +5,4 @@ if __name__ != "tcompile.passes":
     )
 
 from tcompile.passes import token_merging, token_pruning  # noqa: E402,F401  (register the passes)
+from tcompile.registry import available  # noqa: E402,F401  (tcompile.passes.available())

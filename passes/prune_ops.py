@@ -23,7 +23,8 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None,
     if bias is not None:
         logits = logits + (bias if bias.dtype != torch.bool else
                            torch.where(bias, 0.0, float("-inf")).to(logits.dtype))[..., :logits.shape[-2], :]
-    return logits.float().softmax(dim=-1).to(q.dtype)
+    acc = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    return logits.softmax(dim=-1, dtype=acc).to(q.dtype)
 
 
 def importance(probs: torch.Tensor, protect: int) -> torch.Tensor:

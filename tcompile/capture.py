@@ -11,16 +11,13 @@ from typing import Any
 
 import torch
 
-from tcompile import _compat_core as compat
 from tcompile.analysis.shapes import propagate_shapes
 from tcompile.canonicalize import drop_trivial_masks
 from tcompile.errors import CaptureError
+from tcompile.inputs import batch_inputs, call_names
 from tcompile.program import Program
 
 log = logging.getLogger(__name__)
-
-_MAX_BATCH = 4096
-
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     """Accept a tensor, a tuple/list of positional inputs or a dict of keyword inputs."""
@@ -58,16 +55,6 @@ def default_example_inputs(model: torch.nn.Module, batch: int = 2, seq_len: int 
     raise CaptureError(f"cannot derive example inputs for main input {main!r}; pass example_inputs")
 
 
-def _batch_of(args: tuple, kwargs: dict) -> int | None:
-    leaves = [x for x in compat.flatten_inputs(args, kwargs)[0] if isinstance(x, torch.Tensor) and x.dim() > 0]
-    sizes = {int(x.shape[0]) for x in leaves}
-    return sizes.pop() if len(sizes) == 1 else None
-
-
-def _repeat_batch(tree: Any, times: int) -> Any:
-    return compat.tree_map_tensors(lambda t: t.repeat(times, *([1] * (t.dim() - 1))) if t.dim() else t, tree)
-
-
 def capture(model: torch.nn.Module, example_inputs: Any = None, *, dynamic_batch: bool = True,
             name: str | None = None) -> Program:
     """Export ``model`` with torch.export (strict=False) and return a Program with shapes propagated.
@@ -80,20 +67,10 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dynamic_batch
     if example_inputs is None:
         example_inputs = default_example_inputs(model)
     args, kwargs = normalize_inputs(example_inputs)
-    batch = _batch_of(args, kwargs)
-    if dynamic_batch and batch is None:
-        log.info("inputs disagree on dim 0; capturing with a static batch")
-        dynamic_batch = False
-    cap_args, cap_kwargs = (args, kwargs)
-    if dynamic_batch and batch == 1:
-        cap_args, cap_kwargs = _repeat_batch(args, 2), _repeat_batch(kwargs, 2)
-    dynamic_shapes = None
-    if dynamic_batch:
-        dim = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
-        spec = lambda t: {0: dim} if isinstance(t, torch.Tensor) and t.dim() > 0 else None  # noqa: E731
-        dynamic_shapes = (tuple(spec(a) for a in cap_args) if cap_args else None)
-        dynamic_shapes = {"args": dynamic_shapes, "kwargs": {k: spec(v) for k, v in cap_kwargs.items()}} \
-            if cap_args and cap_kwargs else (dynamic_shapes or {k: spec(v) for k, v in cap_kwargs.items()})
+    arg_names, kwarg_names = call_names(model, args, kwargs)
+    kwargs = {n: kwargs[n] for n in kwarg_names}
+    cap_args, cap_kwargs, dynamic_shapes, _ = batch_inputs(arg_names, args, kwargs, dynamic_batch)
+    dynamic_batch = dynamic_shapes is not None
     was_training = model.training
     try:
         model.eval()
@@ -115,13 +92,6 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dynamic_batch
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> Any:
     try:
-        if args and kwargs and isinstance(dynamic_shapes, dict) and "args" in dynamic_shapes:
-            # torch.export wants dynamic_shapes shaped like the signature; name positional args.
-            import inspect
-            params = list(inspect.signature(model.forward).parameters)
-            ds = dict(zip(params, dynamic_shapes["args"]))
-            ds.update(dynamic_shapes["kwargs"])
-            dynamic_shapes = ds
         return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # export raises many types; the user needs the cause and a next step
         raise CaptureError(

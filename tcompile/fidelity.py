@@ -5,21 +5,31 @@ from typing import Any
 
 import torch
 
-from tcompile import _compat_core as compat
+from tcompile import _compat as compat
 
 
 def _float_leaves(tree: Any) -> list[torch.Tensor]:
-    leaves = compat.flatten_inputs((tree,), {})[0]
+    leaves = compat.tree_flatten(tree)[0]
     return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def output_cosine(reference: Any, candidate: Any) -> float:
-    """Mean over examples of the cosine similarity of all float outputs concatenated per example."""
+def _masked(t: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero padding positions of per-token outputs [B, N, ...]: their values carry no meaning."""
+    if token_mask is None or t.dim() < 3 or tuple(t.shape[:2]) != tuple(token_mask.shape):
+        return t
+    return t * token_mask.reshape(*token_mask.shape, *([1] * (t.dim() - 2))).to(t.dtype)
+
+
+def output_cosine(reference: Any, candidate: Any, token_mask: torch.Tensor | None = None) -> float:
+    """Mean over examples of the cosine similarity of all float outputs concatenated per example.
+
+    ``token_mask`` [B, N] (an attention mask) excludes padding positions of per-token outputs.
+    """
     ref, cand = _float_leaves(reference), _float_leaves(candidate)
     if len(ref) != len(cand) or not ref:
         raise ValueError("outputs differ in structure; cannot compare them")
-    a = torch.cat([t.reshape(t.shape[0], -1).double() for t in ref], dim=1)
-    b = torch.cat([t.reshape(t.shape[0], -1).double() for t in cand], dim=1)
+    a = torch.cat([_masked(t, token_mask).reshape(t.shape[0], -1).double() for t in ref], dim=1)
+    b = torch.cat([_masked(t, token_mask).reshape(t.shape[0], -1).double() for t in cand], dim=1)
     return float(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).mean())
 
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from tcompile import _compat_core as compat
+from tcompile import _compat as compat
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Program:
     _analyses: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def flat_inputs(self) -> list[Any]:
-        return compat.flatten_inputs(self.example_args, self.example_kwargs)[0]
+        return compat.tree_flatten((self.example_args, self.example_kwargs))[0]
 
     def run(self, args: tuple | None = None, kwargs: dict | None = None) -> Any:
         """Run the graph on the example inputs (or the given ones) without autograd."""

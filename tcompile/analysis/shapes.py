@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from tcompile import _compat_core as compat
+from tcompile import _compat as compat
 from tcompile.program import Program
 
 

@@ -1,0 +1,165 @@
+"""``tcompile.optimize``: capture → plan → rewrite (verified) → lower → measure → report."""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from tcompile.analysis.attention import require_attention
+from tcompile.artifact import versions
+from tcompile.budget import Budget
+from tcompile.capture import capture, normalize_inputs
+from tcompile.cost import get_profile, measure_latency, predict_latency
+from tcompile.fidelity import output_cosine
+from tcompile.lowering import get_backend
+from tcompile.optimized import OptimizedModel, input_specs
+from tcompile.pass_manager import Instrument, PassManager, graph_flops, tokens_per_layer
+from tcompile.planner import Planner
+from tcompile.program import Program
+from tcompile.progress import Stages
+from tcompile.registry import as_specs, format_pipeline
+from tcompile.report import Report
+
+log = logging.getLogger(__name__)
+
+
+def _batches(calibration: Any, example_inputs: Any) -> list[tuple[tuple, dict]]:
+    if calibration is None:
+        return [normalize_inputs(example_inputs)]
+    if isinstance(calibration, (torch.Tensor, dict)) or (isinstance(calibration, tuple)
+                                                          and calibration and isinstance(calibration[0], torch.Tensor)):
+        return [normalize_inputs(calibration)]
+    return [normalize_inputs(b) for b in calibration]
+
+
+def _token_mask(kwargs: dict) -> torch.Tensor | None:
+    mask = kwargs.get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def fidelity_on(reference: Callable[..., Any], candidate: Callable[..., Any],
+                batches: Iterable[tuple[tuple, dict]]) -> float:
+    """Mean output cosine over calibration batches (padding positions excluded)."""
+    scores = []
+    with torch.no_grad():
+        for args, kwargs in batches:
+            scores.append(output_cosine(reference(*args, **kwargs), candidate(*args, **kwargs),
+                                        token_mask=_token_mask(kwargs)))
+    return float(sum(scores) / len(scores))
+
+
+def optimize(model: torch.nn.Module, budget: Any = None, example_inputs: Any = None, calibration: Any = None,
+             target: Any = "cpu", backend: str = "eager", passes: Any = None, *, verify: bool = True,
+             measure: bool = True, repeats: int = 5, time_limit: float = 600.0, name: str | None = None,
+             instruments: list[Instrument] | None = None, progress: bool = False) -> OptimizedModel:
+    """Optimize ``model`` for ``budget`` on ``target`` and lower it to ``backend``.
+
+    ``passes=None`` lets the planner choose, a list (or pipeline text) forces the pipeline and
+    ``[]`` runs the captured model with no rewrite. The user's model is never modified.
+    """
+    backend_impl = get_backend(backend)            # fail fast: before any capture work
+    budget_obj = Budget.parse(budget)
+    specs = as_specs(passes)
+    profile = get_profile(target)
+    if isinstance(calibration, (list, tuple)) and len(calibration) == 0:
+        raise ValueError("calibration is empty; pass at least one batch of inputs, or None for the example inputs")
+    if example_inputs is None and calibration is not None:
+        example_inputs = _batches(calibration, None)[0]
+        example_inputs = example_inputs[1] or example_inputs[0]
+    stages = Stages(progress, ["capture", "plan", "rewrite", "lower", "measure"])
+    with stages.stage("capture"):
+        baseline = capture(model, example_inputs, name=name)
+        if specs != []:
+            require_attention(baseline)
+    batches = _batches(calibration, (baseline.example_args, baseline.example_kwargs)
+                       if baseline.example_args else baseline.example_kwargs)
+    notes: list[str] = []
+    with stages.stage("plan"):
+        specs, budget_obj, candidates = _plan(specs, budget_obj, baseline, profile, batches, repeats, time_limit,
+                                              notes)
+    with stages.stage("rewrite"):
+        program, records = PassManager(verify=verify, instruments=list(instruments or []),
+                                       target=str(target)).run(baseline, specs)
+    pipeline = format_pipeline(specs)
+    with stages.stage("lower"):
+        workdir = Path(tempfile.mkdtemp(prefix="tcompile-"))  # engine files live as long as the runner
+        runner = backend_impl.lower(program.gm, program.example_args, program.example_kwargs, workdir)
+        weakref.finalize(runner, shutil.rmtree, workdir, True)
+    report = _report(baseline, program, records, pipeline, budget_obj, target, backend, profile, notes, candidates)
+    with stages.stage("measure"):
+        if measure:
+            _measure(report, baseline, runner, batches, repeats)
+    stages.close()
+    _attach_output_mode(report, records)
+    return OptimizedModel(runner, report, backend=backend, pipeline=pipeline,
+                          budget=budget_obj.to_dict() if budget_obj else None,
+                          inputs=input_specs(program.example_args, program.example_kwargs),
+                          model_name=baseline.model_name)
+
+
+def _plan(specs: list | None, budget_obj: Budget | None, baseline: Program, profile: Any, batches: list,
+          repeats: int, time_limit: float, notes: list[str]) -> tuple[list, Budget | None, list]:
+    """The forced pipeline, or the planner's choice for the budget (a default budget when none)."""
+    candidates: list = []
+    if specs is None:
+        if budget_obj is None or not budget_obj.cost_fields:
+            budget_obj = Budget(flops=0.75, quality=budget_obj.quality if budget_obj else None)
+            notes.append("no cost budget given: planned for flops=0.75 (the default)")
+        unsupported = [k for k in budget_obj.cost_fields if k in ("memory", "kv_cache")]
+        if unsupported:
+            notes.append(f"budget fields {unsupported} do not apply to encoders and were ignored")
+        planner = Planner(baseline, budget_obj, profile,
+                          fidelity_fn=lambda p: fidelity_on(baseline.gm, p.gm, batches),
+                          latency_fn=lambda p: _latency_ratio(baseline, p, batches[0], repeats),
+                          time_limit=time_limit)
+        result = planner.plan()
+        specs, candidates = result.specs, result.candidates
+        notes += result.notes
+    return specs, budget_obj, candidates
+
+
+def _latency_ratio(baseline: Program, program: Program, batch: tuple[tuple, dict], repeats: int) -> float:
+    args, kwargs = batch
+    base = measure_latency(lambda: baseline.gm(*args, **kwargs), repeats=repeats)["median"]
+    opt = measure_latency(lambda: program.gm(*args, **kwargs), repeats=repeats)["median"]
+    return opt / base
+
+
+def _report(baseline: Program, program: Program, records: list, pipeline: str, budget: Budget | None,
+            target: Any, backend: str, profile: Any, notes: list[str], candidates: list) -> Report:
+    return Report(
+        model=baseline.model_name, pipeline=pipeline, target=str(getattr(target, "name", target)), backend=backend,
+        budget=budget.to_dict() if budget else None, passes=records,
+        tokens_per_layer={"baseline": tokens_per_layer(baseline), "optimized": tokens_per_layer(program)},
+        flops={"baseline": graph_flops(baseline), "optimized": graph_flops(program)},
+        latency={"predicted": {"baseline": predict_latency(baseline.gm, profile),
+                               "optimized": predict_latency(program.gm, profile)}},
+        candidates=candidates, device=profile.to_dict() if hasattr(profile, "to_dict") else {},
+        versions=versions(), notes=list(notes))
+
+
+def _measure(report: Report, baseline: Program, runner: Any, batches: list, repeats: int) -> None:
+    args, kwargs = batches[0]
+    base = measure_latency(lambda: baseline.gm(*args, **kwargs), repeats=repeats)
+    opt = measure_latency(lambda: runner(*args, **kwargs), repeats=repeats)
+    batch = next((int(t.shape[0]) for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
+    report.latency["measured"] = {"baseline": base["median"], "optimized": opt["median"],
+                                  "repeats": repeats, "batch": batch}
+    report.fidelity = {"metric": "cosine", "value": fidelity_on(baseline.gm, runner, batches),
+                       "n": sum(int(next(iter(kw.values())).shape[0]) if kw else int(a[0].shape[0])
+                                for a, kw in batches)}
+
+
+def _attach_output_mode(report: Report, records: list) -> None:
+    modes = [r.stats.get("output_mode") for r in records if r.status == "applied" and r.stats.get("output_mode")]
+    descriptions = {"unmerge": "unmerge: per-token outputs restored to the original positions "
+                               "(each original token copies its merged group)",
+                    "merged": "merged: per-token outputs hold the reduced tokens (fewer than the input)",
+                    "none": "no per-token outputs: the head reads the protected CLS token"}
+    if modes:
+        report.output_mode = descriptions.get(modes[-1], modes[-1])

@@ -1,0 +1,106 @@
+"""OptimizedModel: what ``tcompile.optimize`` returns and ``tcompile.load`` restores.
+
+It is called like the original model (same arguments, same output fields), carries the report,
+and exports a self-contained artifact directory: the backend's engine or program, a manifest
+with versions, pipeline, budget, input specs and checksums, and the report in three formats.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tcompile.artifact import read_manifest, write_manifest
+from tcompile.errors import ArtifactError, TCompileError
+from tcompile.lowering import get_backend
+from tcompile.report import Report
+
+
+def input_specs(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Shapes and dtypes of the example inputs (dim 0 is the dynamic batch)."""
+    def spec(t: Any) -> Any:
+        return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} if isinstance(t, torch.Tensor) else repr(t)
+    return {"args": [spec(a) for a in args], "kwargs": {k: spec(v) for k, v in kwargs.items()}, "dynamic_dims": {"0": "batch"}}
+
+
+class OptimizedModel:
+    """A lowered, rewritten model with its report."""
+
+    def __init__(self, runner: Any, report: Report, *, backend: str, pipeline: str,
+                 budget: dict | None, inputs: dict[str, Any], model_name: str) -> None:
+        self._runner = runner
+        self.report = report
+        self.backend, self.pipeline, self.budget = backend, pipeline, budget
+        self.input_specs, self.model_name = inputs, model_name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            try:
+                return self._runner(*args, **kwargs)
+            except (RuntimeError, AssertionError, ValueError) as exc:
+                if isinstance(exc, TCompileError):
+                    raise
+                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if "shape" in msg.lower() or "expected input" in msg.lower() or "guard" in msg.lower():
+                    raise ValueError(
+                        f"the inputs do not match the shapes {self.model_name} was compiled for "
+                        f"({json.dumps(self.input_specs['kwargs'] or self.input_specs['args'])}; only dim 0, "
+                        f"the batch, may vary): {msg}. Pad inputs to the compiled length or re-run "
+                        "tcompile.optimize with example inputs of the new shape") from exc
+                raise
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        raise TCompileError(f"generate() needs a causal LM captured with prefill/decode graphs; "
+                            f"{self.model_name} was captured as an encoder. Call the model instead")
+
+    def export(self, path: str | Path) -> Path:
+        """Write a self-contained artifact to ``path`` (created; an existing artifact is replaced)."""
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not (path / "manifest.json").exists():
+            raise ArtifactError(f"{path} exists and is not a tcompile artifact; refusing to overwrite it. "
+                                "Choose an empty or new directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".tcompile-export-", dir=path.parent))
+        try:
+            files = list(self._runner.save(staging))
+            for suffix in ("json", "md", "html"):
+                self.report.save(staging / f"report.{suffix}")
+                files.append(f"report.{suffix}")
+            write_manifest(staging, files, {
+                "model": self.model_name, "backend": self.backend, "pipeline": self.pipeline,
+                "budget": self.budget, "target": self.report.target, "inputs": self.input_specs,
+                "requires_torch_match": self.backend == "eager"})
+            if path.exists():
+                shutil.rmtree(path)
+            staging.rename(path)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return path
+
+    def __repr__(self) -> str:
+        return f"OptimizedModel({self.model_name}, backend={self.backend}, pipeline={self.pipeline!r})"
+
+
+def load(path: str | Path) -> OptimizedModel:
+    """Load an artifact written by :meth:`OptimizedModel.export`, verifying versions and checksums."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    backend = get_backend(manifest.get("backend", ""))
+    try:
+        runner = backend.load(path)
+    except TCompileError:
+        raise
+    except Exception as exc:
+        raise ArtifactError(f"could not load the {backend.name} program in {path}: {type(exc).__name__}: {exc}. "
+                            "Re-export the artifact with this version of tcompile") from exc
+    report = Report.load(path) if (path / "report.json").exists() else Report(manifest.get("model", "model"),
+                                                                              manifest.get("pipeline", ""))
+    return OptimizedModel(runner, report, backend=backend.name, pipeline=manifest.get("pipeline", ""),
+                          budget=manifest.get("budget"), inputs=manifest.get("inputs", {}),
+                          model_name=manifest.get("model", "model"))
+
