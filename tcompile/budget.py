@@ -51,7 +51,7 @@ class Budget:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
     def __str__(self) -> str:
-        return ",".join(f"{k}={v:g}" for k, v in self.to_dict().items())
+        return ",".join(f"{k}={v}" for k, v in self.to_dict().items())
 
     @classmethod
     def parse(cls, value: "Budget | float | int | str | dict | None") -> "Budget | None":

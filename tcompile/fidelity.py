@@ -23,11 +23,14 @@ def _masked(t: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
 def output_cosine(reference: Any, candidate: Any, token_mask: torch.Tensor | None = None) -> float:
     """Mean over examples of the cosine similarity of all float outputs concatenated per example.
 
+    Outputs whose shape changed (per-token outputs under ``output=merged``) are left out.
+
     ``token_mask`` [B, N] (an attention mask) excludes padding positions of per-token outputs.
     """
-    ref, cand = _float_leaves(reference), _float_leaves(candidate)
-    if len(ref) != len(cand) or not ref:
-        raise ValueError("outputs differ in structure; cannot compare them")
+    pairs = [(r, c) for r, c in zip(_float_leaves(reference), _float_leaves(candidate)) if r.shape == c.shape]
+    if not pairs:  # e.g. output=merged changed every per-token output's length
+        raise ValueError("no output of the optimized model has the reference's shape; cannot compare them")
+    ref, cand = [p[0] for p in pairs], [p[1] for p in pairs]
     a = torch.cat([_masked(t, token_mask).reshape(t.shape[0], -1).double() for t in ref], dim=1)
     b = torch.cat([_masked(t, token_mask).reshape(t.shape[0], -1).double() for t in cand], dim=1)
     return float(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).mean())

@@ -18,6 +18,7 @@ from tcompile.cost.flops import (
 from tcompile.cost.model import (
     dtype_name,
     measure_latency,
+    measure_op_overhead,
     node_dtype,
     predict_breakdown,
     predict_latency,
@@ -37,6 +38,7 @@ from tcompile.cost.profile import (
 __all__ = [
     "DATASHEETS", "KINDS", "TARGETS", "DeviceProfile", "GraphCost", "NodeCost", "SizeResolver",
     "by_kind", "cpu_profile", "cpu_profile_path", "dtype_name", "dynamic_symbols", "get_profile",
-    "graph_cost", "measure_cpu_profile", "measure_cuda_profile", "measure_latency", "node_cost",
-    "node_dtype", "op_name", "predict_breakdown", "predict_latency", "predict_node_seconds",
+    "graph_cost", "measure_cpu_profile", "measure_cuda_profile", "measure_latency",
+    "measure_op_overhead", "node_cost", "node_dtype", "op_name", "predict_breakdown",
+    "predict_latency", "predict_node_seconds",
 ]

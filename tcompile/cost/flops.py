@@ -3,16 +3,15 @@
 Why analytic: the planner prices many candidate rewrites without running them, so each node is
 costed from the FakeTensors in ``node.meta["val"]``; SymInt dims resolve to their hints or to given
 ``sizes``, so one dynamic-batch export prices any batch. A multiply-add is 2 FLOPs, a bias add or a
-pointwise op 1 per output element (but see ``POINTWISE_FLOPS``). ``bytes`` is what a non-fusing
-executor (eager FX) moves: inputs read plus outputs written, a stride-0 dim once. Aliasing ops
-(view, transpose, slice, select) cost nothing: the consumer pays for reading. ``ops`` counts
-dispatches, for the latency model's fixed per-op cost.
+pointwise op 1 per output element (but see ``POINTWISE_FLOPS``). ``bytes`` is what eager FX moves:
+inputs read plus outputs written, a stride-0 dim once. Aliasing ops (view, transpose, slice) cost
+nothing: the consumer pays for reading. ``ops`` counts dispatches, for the fixed per-op cost.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import sympy
 import torch
@@ -35,44 +34,41 @@ def _names(text: str) -> set[str]:
     return set(text.split())
 
 
-_MATMUL = _names("mm bmm matmul mv dot vdot addmm baddbmm addbmm addmv linear")
-_CONV = _names("conv1d conv2d conv3d convolution _convolution conv_transpose1d conv_transpose2d "
-               "conv_transpose3d")
+_MATMUL = _names("mm bmm matmul mv dot vdot addmm baddbmm addmv linear")
+_CONV = _names("conv1d conv2d conv3d convolution") | {f"conv_transpose{i}d" for i in (1, 2, 3)}
 _ATTENTION = _names(  # all take [..., heads, tokens, head_dim] query/key/value
-    "scaled_dot_product_attention _scaled_dot_product_flash_attention _scaled_dot_product_"
-    "cudnn_attention _scaled_dot_product_flash_attention_for_cpu "
-    "_scaled_dot_product_efficient_attention")
+    "scaled_dot_product_attention _scaled_dot_product_flash_attention_for_cpu "
+    "_scaled_dot_product_flash_attention _scaled_dot_product_efficient_attention "
+    "_scaled_dot_product_cudnn_attention")
 _NORMS = {**dict.fromkeys(_names("layer_norm native_layer_norm group_norm native_group_norm "
                                  "batch_norm instance_norm"), LAYER_NORM_FLOPS_PER_ELEM),
           **dict.fromkeys(_names("rms_norm _fused_rms_norm"), RMS_NORM_FLOPS_PER_ELEM),
           "_native_batch_norm_legit_no_training": 2.0}
 _SOFTMAX = _names("softmax _softmax log_softmax _log_softmax _safe_softmax")
 _POINTWISE = set(POINTWISE_FLOPS) | _names(
-    "add sub rsub mul div true_divide floor_divide remainder fmod neg abs pow sqrt rsqrt "
-    "reciprocal square relu relu6 leaky_relu hardtanh hardswish hardsigmoid threshold clamp "
-    "clamp_min clamp_max clip maximum minimum where masked_fill eq ne lt le gt ge logical_and "
-    "logical_or logical_not logical_xor bitwise_and bitwise_or bitwise_not bitwise_xor __and__ "
-    "__or__ __xor__ __invert__ sign floor ceil round trunc lerp addcmul addcdiv fill triu tril "
-    "isnan isinf nan_to_num hypot glu diff")
+    "add sub rsub mul div true_divide floor_divide remainder fmod neg abs pow sqrt rsqrt reciprocal"
+    " square relu relu6 leaky_relu hardtanh hardswish hardsigmoid threshold clamp clamp_min"
+    " clamp_max clip maximum minimum where masked_fill eq ne lt le gt ge logical_and logical_or"
+    " logical_not logical_xor bitwise_and bitwise_or bitwise_not bitwise_xor __and__ __or__ __xor__"
+    " __invert__ sign floor ceil round trunc lerp addcmul addcdiv fill triu tril isnan nan_to_num")
 _REDUCTIONS = {**dict.fromkeys(_names("sum mean amax amin max min prod argmax argmin any all "
-                                      "count_nonzero cumsum cumprod"), 1.0),
-               **dict.fromkeys(_names("norm linalg_vector_norm aminmax"), 2.0),
-               **dict.fromkeys(_names("var std var_mean std_mean"), 3.0), "logsumexp": 6.0}
+                                      "count_nonzero cumsum cumprod"), 1.0), "logsumexp": 6.0,
+               **dict.fromkeys(_names("norm linalg_vector_norm var std var_mean std_mean"), 2.0)}
 _VIEWS = _names(  # dropout: inference graphs only; the last five copy only sometimes (_copies)
-    "view _unsafe_view _reshape_alias transpose permute expand expand_as unsqueeze squeeze t "
-    "unflatten detach alias lift_fresh view_as sym_size sym_stride sym_numel sym_storage_offset "
-    "slice select narrow split split_with_sizes chunk unbind tensor_split as_strided diagonal "
-    "movedim swapaxes unfold _assert_tensor_metadata _assert_scalar _assert_async "
-    "sym_constrain_range sym_constrain_range_for_size dropout feature_dropout alpha_dropout "
-    "native_dropout contiguous to type_as reshape flatten")
+    "view _unsafe_view _reshape_alias transpose permute expand expand_as unsqueeze squeeze t"
+    " unflatten detach alias lift_fresh view_as sym_size sym_stride sym_numel sym_storage_offset"
+    " slice select narrow split split_with_sizes chunk unbind tensor_split as_strided diagonal"
+    " movedim swapaxes unfold _assert_tensor_metadata _assert_scalar _assert_async"
+    " sym_constrain_range sym_constrain_range_for_size dropout feature_dropout alpha_dropout"
+    " native_dropout contiguous to type_as reshape flatten")
 _GATHERS = _names("embedding gather index index_select take take_along_dim")
 _CREATES = _names("arange full zeros ones empty empty_like zeros_like ones_like full_like "
                   "new_zeros new_ones new_empty new_full scalar_tensor linspace empty_strided")
 _DATA = _GATHERS | _CREATES | _names(
-    "embedding_bag scatter scatter_add scatter_reduce index_put index_add index_copy index_fill "
-    "masked_scatter masked_select nonzero topk sort argsort cat concat stack clone copy _to_copy "
-    "repeat repeat_interleave tile flip roll pad constant_pad_nd one_hot item _local_scalar_dense "
-    "select_scatter slice_scatter unique _unique2 lift_fresh_copy")
+    "embedding_bag scatter scatter_add scatter_reduce index_put index_add index_copy index_fill"
+    " masked_scatter masked_select nonzero topk sort argsort cat concat stack clone copy _to_copy"
+    " repeat repeat_interleave tile flip roll pad constant_pad_nd one_hot item _local_scalar_dense"
+    " select_scatter slice_scatter unique _unique2 lift_fresh_copy")
 
 
 @dataclass(frozen=True)
@@ -98,11 +94,10 @@ class SizeResolver:
         if not isinstance(v, torch.SymInt):
             return int(v)
         node, expr = v.node, v.node.expr
-        subs = {s: sympy.Integer(self.sizes[s.name]) for s in expr.free_symbols
-                if s.name in self.sizes}
+        subs = {s: self.sizes[s.name] for s in expr.free_symbols if s.name in self.sizes}
         if not subs and node.hint is not None:
             return int(node.hint)
-        expr = expr.xreplace(subs)
+        expr = expr.subs(subs)
         hint = expr if expr.is_number else node.shape_env.size_hint(expr, allow_none=True)
         if hint is None:  # unbacked (data-dependent) size: a finite upper bound, else 1
             hint = node.shape_env.bound_sympy(expr).upper
@@ -135,19 +130,16 @@ def _copies(name: str, x: torch.Tensor, out: torch.Tensor, S: SizeResolver) -> b
         return out.dtype != x.dtype or out.device != x.device
     meta = torch.empty_strided([S(d) for d in x.shape], [S(s) for s in x.stride()],
                                dtype=x.dtype, device="meta")
-    if name == "contiguous":
-        return not meta.is_contiguous()
-    try:
-        meta.view([S(d) for d in out.shape])  # reshape/flatten alias exactly when view works
+    try:  # each aliases exactly when a view can express it; contiguous() when flat already
+        meta.view(-1 if name == "contiguous" else [S(d) for d in out.shape])
         return False
     except RuntimeError:
-        return name in ("reshape", "flatten")
+        return name in ("reshape", "flatten", "contiguous")
 
 
 def _bind(node: fx.Node) -> dict[str, Any]:
     """Arguments by schema name (``weight``, ``is_causal`` ...), positional or keyword."""
-    args = {a.name: v for a, v in zip(node.target._schema.arguments, node.args)}
-    return {**args, **node.kwargs}
+    return {**dict(zip((a.name for a in node.target._schema.arguments), node.args)), **node.kwargs}
 
 
 def op_name(node: fx.Node) -> str | None:
@@ -173,14 +165,12 @@ def _attention_flops(a: dict[str, Any], S: SizeResolver) -> float:
 def _matmul_flops(name: str, node: fx.Node, out_t: torch.Tensor, S: SizeResolver) -> float:
     """2*out*K for products, 2*out*Cin/groups*kh*kw for convolutions, 1 per output for bias."""
     a, out = _bind(node), _numel(out_t, S)
-    bias = out * (a.get("bias") is not None or name in ("addmm", "baddbmm", "addbmm", "addmv"))
+    bias = out * (a.get("bias") is not None or name in ("addmm", "baddbmm", "addmv"))
     if name in _CONV:  # weight [Cout, Cin/groups, *k], or [Cin, Cout/groups, *k] if transposed
         x, w = _val(a["input"]), _val(a["weight"])
         transposed = bool(a.get("transposed", False)) or name.startswith("conv_transpose")
         per = math.prod(S(d) for d in w.shape[1:])
         return 2.0 * (_numel(x, S) if transposed else out) * per + bias
-    if name == "addbmm":  # the batch is summed away, so the output undercounts the work
-        return 2.0 * _numel(_val(a["batch1"]), S) * S(_val(a["batch2"]).shape[-1]) + bias
     first = _val(a.get("input", a.get("mat1", a.get("batch1", a.get("mat", a.get("self"))))))
     return 2.0 * out * (S(first.shape[-1]) if first.dim() > 0 else 1) + bias
 
@@ -234,12 +224,9 @@ def _price(node: fx.Node, S: SizeResolver) -> tuple[NodeCost, bool]:
 
 
 def node_cost(node: fx.Node, sizes: Mapping[str, int] | None = None) -> NodeCost:
-    """The cost of one node, from the meta values of it and its inputs.
-
-    ``sizes`` maps symbol names (``"s77"``) to values, overriding the export-time hints. A
-    non-aten target (a tcompile pass's helper) may carry ``__tcompile_cost__(node) -> NodeCost``;
-    without one it costs 0 FLOPs and the bytes of its inputs and outputs, kind "other".
-    """
+    """The cost of one node, from its and its inputs' meta values; ``sizes`` maps symbols
+    (``"s77"``) to values over the hints. A non-aten target (a pass's helper) may carry
+    ``__tcompile_cost__(node) -> NodeCost``; else it costs its inputs' and outputs' bytes."""
     return _price(node, SizeResolver(dict(sizes or {})))[0]
 
 
@@ -279,14 +266,27 @@ def graph_cost(gm: fx.GraphModule | torch.export.ExportedProgram,
         raise ValueError(f"unknown sizes {bad}; the graph's dynamic dims: {dict(symbols)}")
     S = SizeResolver({dims.get(k, k): int(v) for k, v in (sizes or {}).items()})
     total = GraphCost(0.0, 0.0, [])
-    for node in (n for n in gm.graph.nodes if n.op.startswith("call_")):
+    for name, node in call_nodes(gm):
         cost, known_op = _price(node, S)
-        total.nodes.append((node.name, cost))
+        total.nodes.append((name, cost))
         total.flops += cost.flops
         total.bytes += cost.bytes
         if not known_op:
-            total.unknown.append(f"{node.name}: {node.target}")
+            total.unknown.append(f"{name}: {node.target}")
     return total
+
+
+def call_nodes(gm: fx.GraphModule, prefix: str = "") -> Iterator[tuple[str, fx.Node]]:
+    """Call nodes by qualified name, sub-graphs of higher-order ops inlined (the
+    ``wrap_with_set_grad_enabled`` export puts around no_grad code; both branches of a cond)."""
+    for node in gm.graph.nodes:
+        hop = isinstance(node.target, torch._ops.HigherOrderOperator)
+        subs = [getattr(gm, str(a.target)) for a in node.args if hop and isinstance(a, fx.Node)
+                and a.op == "get_attr" and isinstance(getattr(gm, str(a.target)), fx.GraphModule)]
+        for sub in subs:
+            yield from call_nodes(sub, f"{prefix}{node.name}.")
+        if node.op.startswith("call_") and not subs:
+            yield prefix + node.name, node
 
 
 def by_kind(nodes: GraphCost | Iterable[tuple[str, NodeCost]]) -> dict[str, dict[str, float]]:

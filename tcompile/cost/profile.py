@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.fx as fx
 
-from tcompile.cost.model import measure_latency
+from tcompile.cost.model import measure_latency, measure_op_overhead
 
 
 @dataclass(frozen=True)
@@ -130,24 +129,16 @@ def _fma(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -
     return lambda: torch.mul(x, y, out=out).add_(z)
 
 
-def _overhead_graph(n: int) -> fx.GraphModule:
-    """``n`` chained ``aten.add.Tensor`` nodes: run eagerly, each costs one dispatch via FX."""
-    graph = fx.Graph()
-    cur = x = graph.placeholder("x")
-    for _ in range(n):
-        cur = graph.call_function(torch.ops.aten.add.Tensor, (cur, x))
-    graph.output(cur)
-    return fx.GraphModule(torch.nn.Module(), graph)
-
-
 def measure_cpu_profile(seconds_budget: float = 4.0) -> DeviceProfile:
     """Measure this CPU with torch, at the current thread count, within ``seconds_budget``.
 
     First what the model needs: fp32 matmul at a ViT-B shape ([8*197, 768] x [768, 768]), x*y+z
-    on 4 MB tensors, a 64 MB copy (read + write bytes), the per-node time of an FX graph of
-    one-element adds. Then, while time is left, bf16/fp16 (at full shape if a 256^3 probe says it
-    fits, else the probe's rate; unmeasured dtypes fall back to float32) and a 1024^3 matmul for
-    the notes. Each figure takes >= 2 runs: a budget below that (~0.8 s here) is overrun.
+    on 4 MB tensors, a 64 MB copy (read + write bytes), the per-node time of an FX graph of tiny
+    transformer ops (measure_op_overhead). Then, while time is left, bf16/fp16 (at full shape if
+    a 128^3 probe says it fits, else the probe's rate; unmeasured dtypes fall back to float32)
+    and a 1024^3 matmul for the notes. Each figure takes >= 2 runs: a budget below that (~0.8 s
+    here) is overrun. Figures are medians, like measure_latency's, so that predictions and
+    measurements are taken alike; on a contended machine recalibrate when it is quiet.
     """
     start = time.perf_counter()
 
@@ -163,8 +154,7 @@ def measure_cpu_profile(seconds_budget: float = 4.0) -> DeviceProfile:
     src = torch.ones(16 << 20)  # 64 MB of float32: beyond a last-level cache share
     dst = torch.empty_like(src)
     bandwidth = 2.0 * src.numel() * 4 / _median_seconds(lambda: dst.copy_(src), left(0.15))
-    n_ops, one, gm = 64, torch.ones(1), _overhead_graph(64)
-    overhead = _median_seconds(lambda: gm(one), left(0.1), repeats=50) / n_ops
+    overhead = measure_op_overhead("cpu", left(0.1))
     notes = [f"torch {torch.__version__}"]
     for dtype in (torch.bfloat16, torch.float16):
         name, ah, wh, p = str(dtype).removeprefix("torch."), a.to(dtype), w.to(dtype), 128
@@ -221,8 +211,7 @@ def measure_cuda_profile(seconds_budget: float = 4.0, device: int | None = None)
     src = torch.ones(64 << 20, device=dev)  # 256 MB
     dst = torch.empty_like(src)
     bandwidth = 2.0 * src.numel() * 4 / timed(lambda: dst.copy_(src))
-    gm, one = _overhead_graph(64), torch.ones(1, device=dev)
-    overhead = measure_latency(lambda: gm(one), repeats=20, warmup=2)["median"] / 64
+    overhead = measure_op_overhead(dev, max_seconds=0.5)
     return DeviceProfile(
         name=f"cuda: {torch.cuda.get_device_name(dev)}", kind="cuda", matmul_flops=rates,
         elementwise_flops=elementwise, mem_bandwidth=bandwidth, op_overhead=overhead,
