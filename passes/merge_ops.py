@@ -18,39 +18,65 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tcompile.passes.token_state import weighted_average
 
 _PAD_PRIORITY = 1e4  # pads (size 0) merge first: merging them changes nothing real
 
 
 def _metric(k: torch.Tensor, protect: int) -> torch.Tensor:
-    """Head-averaged, L2-normalised keys of the mergeable tokens [B, T, d]."""
-    m = k.mean(dim=1)[:, protect:]
+    """Head-averaged, L2-normalised keys of the mergeable tokens [B, T, d].
+
+    ``k`` is usually the [B, H, N, d] transposed view of a [B, N, H, d] projection, so the mean
+    is taken over dim 2 of the un-transposed layout, which reads memory in order.
+    """
+    m = k.transpose(1, 2).mean(dim=2)[:, protect:]
     return m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+def _arange(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.arange(n, device=like.device).unsqueeze(0).expand(like.shape[0], n)
 
 
-def _finish(x: torch.Tensor, sizes: torch.Tensor, src_map: torch.Tensor | None, protect: int,
-            x_parts: list[torch.Tensor], s_parts: list[torch.Tensor], pos_local: torch.Tensor | None
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    x_new = torch.cat([x[:, :protect] * sizes[:, :protect]] + x_parts, dim=1)
-    s_new = torch.cat([sizes[:, :protect]] + s_parts, dim=1)
-    x_new = weighted_average(x_new, s_new).to(x.dtype)
-    if src_map is not None and pos_local is not None:
-        head = torch.arange(protect, device=x.device).unsqueeze(0).expand(x.shape[0], protect)
-        new_pos = torch.cat([head, pos_local + protect], dim=1)
-        src_map = new_pos.gather(1, src_map)
-    return x_new, s_new, src_map
+def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[b, idx[b, i]] for [B, N, C] x: one flat index_select (a fast row copy on CPU)."""
+    bsz, n, c = x.shape
+    offsets = (torch.arange(bsz, device=x.device) * n).unsqueeze(1)
+    return x.reshape(bsz * n, c).index_select(0, (idx + offsets).reshape(-1)).view(bsz, idx.shape[1], c)
+
+
+def merge_into_representatives(x: torch.Tensor, sizes: torch.Tensor, src_map: torch.Tensor | None,
+                               rep: torch.Tensor, src: torch.Tensor, row: torch.Tensor, protect: int
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Merge ``src`` tokens into output rows, each row seeded by a representative token.
+
+    ``rep`` [B, M] (mergeable-token indices) seeds output rows protect..protect+M-1; ``src`` [B, r]
+    are the tokens merged away and ``row`` [B, r] their rows (0-based among the M). Each row's
+    value is the size-weighted mean of its members: x_rep + Σ s_i (x_i - x_rep) / S. Only one
+    full-size copy is made (the row gather); the r merges touch r rows. This keeps the merge far
+    cheaper than the transformer layer it saves, which a gather/scatter/divide chain is not.
+    """
+    bsz, n, c = x.shape
+    head = _arange(protect, rep)
+    rep_all = torch.cat([head, rep + protect], dim=1)                                  # [B, n_out]
+    src, row = src + protect, row + protect
+    x_new = _rows(x, rep_all)
+    s_new = sizes.gather(1, rep_all.unsqueeze(-1))
+    s_src = sizes.gather(1, src.unsqueeze(-1))
+    s_tot = s_new.scatter_add(1, row.unsqueeze(-1), s_src)
+    weight = s_src / s_tot.gather(1, row.unsqueeze(-1)).clamp_min(torch.finfo(s_tot.dtype).tiny)
+    delta = (weight.to(x.dtype) * (_rows(x, src) - _rows(x_new, row))).reshape(-1, c)
+    offsets = (torch.arange(bsz, device=x.device) * rep_all.shape[1]).unsqueeze(1)
+    x_new = x_new.reshape(-1, c).index_add(0, (row + offsets).reshape(-1), delta).view(bsz, -1, c)
+    if src_map is not None:
+        dest = torch.zeros(bsz, n, dtype=torch.long, device=x.device)
+        dest = dest.scatter(1, rep_all, _arange(rep_all.shape[1], rep_all)).scatter(1, src, row)
+        src_map = dest.gather(1, src_map)
+    return x_new, s_tot, src_map
 
 
 def tome_merge(x: torch.Tensor, k: torch.Tensor, sizes: torch.Tensor, src_map: torch.Tensor | None,
                r: int, protect: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """ToMe bipartite soft matching: A = even, B = odd mergeable tokens; the r A-tokens with the
-    most similar B partner merge into it."""
-    bsz, t = x.shape[0], x.shape[1] - protect
+    most similar B partner merge into it. Output order: [protected, unmerged A, B]."""
     metric = _metric(k, protect)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)            # [B, Na, Nb]
     s_a = sizes[:, protect::2, 0]
@@ -59,33 +85,18 @@ def tome_merge(x: torch.Tensor, k: torch.Tensor, sizes: torch.Tensor, src_map: t
     edge_idx = node_max.argsort(dim=-1, descending=True)
     unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
     dst_idx = node_idx.gather(1, src_idx)
-
-    xs = x[:, protect:] * sizes[:, protect:]
-    xa, xb = xs[:, ::2], xs[:, 1::2]
-    sa, sb = sizes[:, protect::2], sizes[:, protect + 1::2]
-    x_dst = xb.scatter_add(1, dst_idx.unsqueeze(-1).expand(-1, -1, xb.shape[-1]), _gather_rows(xa, src_idx))
-    s_dst = sb.scatter_add(1, dst_idx.unsqueeze(-1), sa.gather(1, src_idx.unsqueeze(-1)))
-    pos_local = None
-    if src_map is not None:
-        na, nb = xa.shape[1], xb.shape[1]
-        n_unm = na - r
-        pos_a = torch.zeros(bsz, na, dtype=torch.long, device=x.device)
-        pos_a = pos_a.scatter(1, unm_idx, torch.arange(n_unm, device=x.device).unsqueeze(0).expand(bsz, n_unm))
-        pos_a = pos_a.scatter(1, src_idx, dst_idx + n_unm)
-        pos_b = (torch.arange(nb, device=x.device) + n_unm).unsqueeze(0).expand(bsz, nb)
-        if na > nb:
-            pos_b = torch.cat([pos_b, pos_b[:, :1]], dim=1)
-        pos_local = torch.stack([pos_a, pos_b], dim=-1).reshape(bsz, -1)[:, :t]
-    return _finish(x, sizes, src_map, protect, [_gather_rows(xa, unm_idx), x_dst],
-                   [sa.gather(1, unm_idx.unsqueeze(-1)), s_dst], pos_local)
+    n_unm, nb = scores.shape[1] - r, scores.shape[2]
+    rep = torch.cat([2 * unm_idx, 2 * _arange(nb, unm_idx) + 1], dim=1)   # A/B index -> token index
+    return merge_into_representatives(x, sizes, src_map, rep, 2 * src_idx, dst_idx + n_unm, protect)
 
 
 def pitome_merge(x: torch.Tensor, k: torch.Tensor, sizes: torch.Tensor, src_map: torch.Tensor | None,
                  r: int, protect: int, margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """PiToMe: energy E_i = mean_j ELU(cos_ij - margin) (alpha 1, as the reference code); the 2r
     highest-energy tokens are mergeable, split alternately by rank into A and B; every A token
-    merges into its most similar B token. Low-energy (isolated, informative) tokens are kept."""
-    bsz, t = x.shape[0], x.shape[1] - protect
+    merges into its most similar B token. Low-energy (isolated, informative) tokens are kept.
+    Output order: [protected, kept (energy order), B]."""
+    t = x.shape[1] - protect
     metric = _metric(k, protect)
     sim = metric @ metric.transpose(-1, -2)                                # [B, T, T]
     energy = F.elu(sim - margin).mean(dim=-1)
@@ -94,22 +105,9 @@ def pitome_merge(x: torch.Tensor, k: torch.Tensor, sizes: torch.Tensor, src_map:
     a_idx, b_idx, keep_idx = order[:, 0:2 * r:2], order[:, 1:2 * r:2], order[:, 2 * r:]
     sim_ab = sim.gather(1, a_idx.unsqueeze(-1).expand(-1, -1, t)).gather(2, b_idx.unsqueeze(1).expand(-1, r, -1))
     dst_idx = sim_ab.argmax(dim=-1)                                        # [B, r] into b_idx
-
-    xs = x[:, protect:] * sizes[:, protect:]
-    s = sizes[:, protect:]
-    x_b = _gather_rows(xs, b_idx).scatter_add(1, dst_idx.unsqueeze(-1).expand(-1, -1, xs.shape[-1]),
-                                              _gather_rows(xs, a_idx))
-    s_b = s.gather(1, b_idx.unsqueeze(-1)).scatter_add(1, dst_idx.unsqueeze(-1), s.gather(1, a_idx.unsqueeze(-1)))
-    pos_local = None
-    if src_map is not None:
-        n_keep = t - 2 * r
-        ar = lambda n: torch.arange(n, device=x.device).unsqueeze(0).expand(bsz, n)  # noqa: E731
-        pos = torch.zeros(bsz, t, dtype=torch.long, device=x.device)
-        pos = pos.scatter(1, keep_idx, ar(n_keep))
-        pos = pos.scatter(1, b_idx, ar(r) + n_keep)
-        pos_local = pos.scatter(1, a_idx, dst_idx + n_keep)
-    return _finish(x, sizes, src_map, protect, [_gather_rows(xs, keep_idx), x_b],
-                   [s.gather(1, keep_idx.unsqueeze(-1)), s_b], pos_local)
+    n_keep = t - 2 * r
+    return merge_into_representatives(x, sizes, src_map, torch.cat([keep_idx, b_idx], dim=1), a_idx,
+                                      dst_idx + n_keep, protect)
 
 
 def pitome_margin(layer: int, num_layers: int) -> float:

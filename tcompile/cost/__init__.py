@@ -10,6 +10,7 @@ from tcompile.cost.flops import (
     NodeCost,
     SizeResolver,
     by_kind,
+    call_nodes,
     dynamic_symbols,
     graph_cost,
     node_cost,
@@ -37,8 +38,8 @@ from tcompile.cost.profile import (
 
 __all__ = [
     "DATASHEETS", "KINDS", "TARGETS", "DeviceProfile", "GraphCost", "NodeCost", "SizeResolver",
-    "by_kind", "cpu_profile", "cpu_profile_path", "dtype_name", "dynamic_symbols", "get_profile",
-    "graph_cost", "measure_cpu_profile", "measure_cuda_profile", "measure_latency",
+    "by_kind", "call_nodes", "cpu_profile", "cpu_profile_path", "dtype_name", "dynamic_symbols",
+    "get_profile", "graph_cost", "measure_cpu_profile", "measure_cuda_profile", "measure_latency",
     "measure_op_overhead", "node_cost", "node_dtype", "op_name", "predict_breakdown",
     "predict_latency", "predict_node_seconds",
 ]

@@ -50,7 +50,7 @@ _POINTWISE = set(POINTWISE_FLOPS) | _names(
     " square relu relu6 leaky_relu hardtanh hardswish hardsigmoid threshold clamp clamp_min"
     " clamp_max clip maximum minimum where masked_fill eq ne lt le gt ge logical_and logical_or"
     " logical_not logical_xor bitwise_and bitwise_or bitwise_not bitwise_xor __and__ __or__ __xor__"
-    " __invert__ sign floor ceil round trunc lerp addcmul addcdiv fill triu tril isnan nan_to_num")
+    " __invert__ sign floor ceil round trunc lerp addcmul addcdiv fill triu tril isnan diff glu")
 _REDUCTIONS = {**dict.fromkeys(_names("sum mean amax amin max min prod argmax argmin any all "
                                       "count_nonzero cumsum cumprod"), 1.0), "logsumexp": 6.0,
                **dict.fromkeys(_names("norm linalg_vector_norm var std var_mean std_mean"), 2.0)}

@@ -112,7 +112,6 @@ def measure_latency(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1,
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     start = time.perf_counter()
-
     last = 0.0  # duration of the latest call: the forecast for the next one
 
     def spent() -> bool:
@@ -163,7 +162,7 @@ def measure_op_overhead(device: str | torch.device = "cpu", max_seconds: float =
     Why a mix of transformer ops on tiny tensors rather than a chain of one-element adds: real
     nodes parse more arguments and allocate outputs. On this project's 2-core CPU an add chain
     ran at ~6 us/node, this mix at ~20, and an exported tiny ViT at ~22; on an H200 host the add
-    chain gave 12.5 us/node where ViT-B at batch 1 spent ~28 us per node.
+    chain gave 12.5 us/node where ViT-B at batch 1 spent 18-28 us per node.
     """
     gm, units = _block_graph(8)
     dev = torch.device(device)
@@ -171,4 +170,4 @@ def measure_op_overhead(device: str | torch.device = "cpu", max_seconds: float =
     with torch.no_grad():
         gm(x, w, b)  # first call: lazy library initialisation, never timed
     timing = measure_latency(lambda: gm(x, w, b), repeats=50, warmup=1, max_seconds=max_seconds)
-    return timing["median"] / units
+    return timing["min"] / units  # the fastest run: see profile._best_seconds

