@@ -83,7 +83,7 @@ def tome_merge(x: torch.Tensor, k: torch.Tensor, sizes: torch.Tensor, src_map: t
     scores = scores + (s_a <= 0).to(scores.dtype).unsqueeze(-1) * _PAD_PRIORITY
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)
-    unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
+    unm_idx, src_idx = edge_idx[:, r:].sort(dim=-1).values, edge_idx[:, :r]  # unmerged A keep their order
     dst_idx = node_idx.gather(1, src_idx)
     n_unm, nb = scores.shape[1] - r, scores.shape[2]
     rep = torch.cat([2 * unm_idx, 2 * _arange(nb, unm_idx) + 1], dim=1)   # A/B index -> token index

@@ -40,8 +40,18 @@ class Family:
 
 
 def _merge_levels(program: Program) -> int:
+    """Levels count total merges, so the search can land between two constant schedules."""
     a = require_attention(program)
-    return (a.sites[0].q_tokens - a.leading_special) // 2
+    return len(a.sites) * ((a.sites[0].q_tokens - a.leading_special) // 2)
+
+
+def _merge_schedule(program: Program, level: int) -> dict[str, object]:
+    """``level`` merges spread over the layers, one more in the earlier layers when uneven."""
+    layers = len(require_attention(program).sites)
+    base, extra = divmod(level, layers)
+    if extra == 0:
+        return {"r": base}
+    return {"layers": tuple(base + (1 if i < extra else 0) for i in range(layers))}
 
 
 def _prune_levels(program: Program) -> int:
@@ -56,9 +66,10 @@ def _per_token_outputs(program: Program) -> bool:
 
 
 CANDIDATE_FAMILIES: list[Family] = [
-    Family("token_merging{method=tome}", _merge_levels, lambda p, lv: [PassSpec.make("token_merging", r=lv)]),
+    Family("token_merging{method=tome}", _merge_levels,
+           lambda p, lv: [PassSpec.make("token_merging", **_merge_schedule(p, lv))]),
     Family("token_merging{method=pitome}", _merge_levels,
-           lambda p, lv: [PassSpec.make("token_merging", r=lv, method="pitome")]),
+           lambda p, lv: [PassSpec.make("token_merging", method="pitome", **_merge_schedule(p, lv))]),
     Family("token_pruning", _prune_levels,
            lambda p, lv: [PassSpec.make("token_pruning", keep=round(1.0 - 0.05 * lv, 2),
                                         fuse=_per_token_outputs(p))]),
