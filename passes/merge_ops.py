@@ -63,9 +63,11 @@ def merge_into_representatives(x: torch.Tensor, sizes: torch.Tensor, src_map: to
     s_src = sizes.gather(1, src.unsqueeze(-1))
     s_tot = s_new.scatter_add(1, row.unsqueeze(-1), s_src)
     weight = s_src / s_tot.gather(1, row.unsqueeze(-1)).clamp_min(torch.finfo(s_tot.dtype).tiny)
-    delta = (weight.to(x.dtype) * (_rows(x, src) - _rows(x_new, row))).reshape(-1, c)
-    offsets = (torch.arange(bsz, device=x.device) * rep_all.shape[1]).unsqueeze(1)
-    x_new = x_new.reshape(-1, c).index_add(0, (row + offsets).reshape(-1), delta).view(bsz, -1, c)
+    delta = weight.to(x.dtype) * (_rows(x, src) - _rows(x_new, row))                     # [B, r, C]
+    # Add each delta to its row with a one-hot [B, n_out, r] batched matmul: CPU scatter/index_add
+    # with repeated rows is serial and, on a shared machine, orders of magnitude slower.
+    onehot = torch.zeros(bsz, rep_all.shape[1], src.shape[1], dtype=x.dtype, device=x.device)
+    x_new = torch.baddbmm(x_new, onehot.scatter(1, row.unsqueeze(1), 1.0), delta)
     if src_map is not None:
         dest = torch.zeros(bsz, n, dtype=torch.long, device=x.device)
         dest = dest.scatter(1, rep_all, _arange(rep_all.shape[1], rep_all)).scatter(1, src, row)

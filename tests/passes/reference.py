@@ -27,7 +27,7 @@ def ref_tome(x, k, sizes, r, protect):
     groups = {j: [j] for j in b_ids}
     for i, j in src.items():
         groups[j].append(i)
-    unm = [best[t][1] for t in order[r:]]
+    unm = sorted(best[t][1] for t in order[r:])   # ToMe re-sorts the unmerged A tokens
     out_x, out_s = [x[p] for p in range(protect)], [sizes[p] for p in range(protect)]
     for i in unm:
         out_x.append(body[i]), out_s.append(s[i])
