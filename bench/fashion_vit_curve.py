@@ -17,8 +17,8 @@ from tcompile.models.data import fashion_mnist
 from tcompile.models.fashion_vit import load_fashion_vit
 
 PIPELINES = (
-    [f"token_merging{{r={r}}}" for r in (4, 8, 12, 16)]
-    + [f"token_merging{{r={r},method=pitome}}" for r in (4, 8, 12, 16)]
+    [f"token_merging{{r={r}}}" for r in (8, 16, 24, 32)]
+    + [f"token_merging{{r={r},method=pitome}}" for r in (8, 16, 24, 32)]
     + [f"token_pruning{{keep={k}}}" for k in (0.9, 0.7, 0.5, 0.3)]
 )
 

@@ -41,7 +41,3 @@ def unmerge(x: torch.Tensor, src_map: torch.Tensor) -> torch.Tensor:
     """Per-token outputs at the original positions: each original token copies its group's vector."""
     return x.gather(1, src_map.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
-
-def weighted_average(x_sum: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """Σ(s·x) / Σs, where all-pad groups (Σs = 0) give 0 rather than NaN."""
-    return x_sum / sizes.clamp_min(torch.finfo(sizes.dtype).tiny)

@@ -10,7 +10,7 @@ import copy
 import importlib
 import json
 import logging
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx
@@ -104,10 +104,6 @@ def graph_module_specs(module: torch.nn.Module) -> tuple[TreeSpec | None, TreeSp
         in_spec = in_spec if in_spec is not None else info.in_spec
         out_spec = out_spec if out_spec is not None else info.out_spec
     return in_spec, out_spec
-
-
-def tree_map_tensors(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
-    return _pytree.tree_map_only(torch.Tensor, fn, tree)
 
 
 def clone_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

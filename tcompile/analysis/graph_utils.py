@@ -27,11 +27,6 @@ MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
 SDPA_OPS = {aten.scaled_dot_product_attention.default}
 
 
-def tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The node's inputs that are graph nodes, in argument order."""
-    return [a for a in node.all_input_nodes]
-
-
 def ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
     seen: set[torch.fx.Node] = set()
     stack = list(node.all_input_nodes)
