@@ -71,6 +71,9 @@ def test_r_beyond_first_layer_raises(vit_program):
 def test_cls_token_is_protected(vit_program, vit_inputs):
     out, (rec,) = _run(vit_program, "token_merging{r=8}")
     assert rec.stats["protected"] == 1
+    assert [n.args[5] for n in out.gm.graph.nodes if n.target is tome_merge] == [1] * 4
+    out0, _ = _run(vit_program, "token_merging{r=8,protect=0}")
+    assert [n.args[5] for n in out0.gm.graph.nodes if n.target is tome_merge] == [0] * 4
 
 
 def test_per_token_outputs_unmerged_for_bert(bert_program, bert_model, bert_inputs):
