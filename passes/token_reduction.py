@@ -17,9 +17,8 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from tcompile.analysis.attention import AttentionAnalysis, AttentionSite, require_attention
-from tcompile.analysis.graph_utils import aten, output_nodes
-from tcompile.analysis.shapes import shape_of
+from tcompile.analysis.attention import AttentionAnalysis, AttentionSite, per_token_outputs, require_attention
+from tcompile.analysis.graph_utils import aten
 from tcompile.pass_manager import PassContext, PassSkipped
 from tcompile.passes.token_state import init_token_state, size_bias, unmerge
 
@@ -82,7 +81,7 @@ def apply_token_reduction(gm: torch.fx.GraphModule, ctx: PassContext, reducer: T
     missing = [s.index for s, r in zip(sites, removals) if r > 0 and s.residual is None]
     if missing:
         raise PassSkipped(f"could not find the residual stream after attention at site(s) {missing}")
-    per_token = [n for n in output_nodes(gm) if (shape_of(n) or (0,))[1:2] == (n0,) and len(shape_of(n)) >= 3]
+    per_token = per_token_outputs(program)
     restore = bool(per_token) and output == "unmerge"
     if restore and reducer.restores_outputs():
         raise PassSkipped(f"the model returns per-token outputs and {reducer.restores_outputs()}; "

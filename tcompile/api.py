@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 def _batches(calibration: Any, example_inputs: Any) -> list[tuple[tuple, dict]]:
     if calibration is None:
         return [normalize_inputs(example_inputs)]
-    if isinstance(calibration, (torch.Tensor, dict)) or (isinstance(calibration, tuple)
-                                                          and calibration and isinstance(calibration[0], torch.Tensor)):
+    single = isinstance(calibration, (torch.Tensor, dict)) or (
+        isinstance(calibration, tuple) and bool(calibration) and isinstance(calibration[0], torch.Tensor))
+    if single:  # one batch given directly rather than a list of batches
         return [normalize_inputs(calibration)]
     return [normalize_inputs(b) for b in calibration]
 
@@ -123,11 +124,18 @@ def _plan(specs: list | None, budget_obj: Budget | None, baseline: Program, prof
     return specs, budget_obj, candidates
 
 
-def _latency_ratio(baseline: Program, program: Program, batch: tuple[tuple, dict], repeats: int) -> float:
+def _median_seconds(fn: Callable[..., Any], batch: tuple[tuple, dict], repeats: int) -> float:
     args, kwargs = batch
-    base = measure_latency(lambda: baseline.gm(*args, **kwargs), repeats=repeats)["median"]
-    opt = measure_latency(lambda: program.gm(*args, **kwargs), repeats=repeats)["median"]
-    return opt / base
+    return measure_latency(lambda: fn(*args, **kwargs), repeats=repeats)["median"]
+
+
+def _batch_size(batch: tuple[tuple, dict]) -> int | None:
+    args, kwargs = batch
+    return next((int(t.shape[0]) for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
+
+
+def _latency_ratio(baseline: Program, program: Program, batch: tuple[tuple, dict], repeats: int) -> float:
+    return _median_seconds(program.gm, batch, repeats) / _median_seconds(baseline.gm, batch, repeats)
 
 
 def _report(baseline: Program, program: Program, records: list, pipeline: str, budget: Budget | None,
@@ -144,15 +152,11 @@ def _report(baseline: Program, program: Program, records: list, pipeline: str, b
 
 
 def _measure(report: Report, baseline: Program, runner: Any, batches: list, repeats: int) -> None:
-    args, kwargs = batches[0]
-    base = measure_latency(lambda: baseline.gm(*args, **kwargs), repeats=repeats)
-    opt = measure_latency(lambda: runner(*args, **kwargs), repeats=repeats)
-    batch = next((int(t.shape[0]) for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
-    report.latency["measured"] = {"baseline": base["median"], "optimized": opt["median"],
-                                  "repeats": repeats, "batch": batch}
+    report.latency["measured"] = {"baseline": _median_seconds(baseline.gm, batches[0], repeats),
+                                  "optimized": _median_seconds(runner, batches[0], repeats),
+                                  "repeats": repeats, "batch": _batch_size(batches[0])}
     report.fidelity = {"metric": "cosine", "value": fidelity_on(baseline.gm, runner, batches),
-                       "n": sum(int(next(iter(kw.values())).shape[0]) if kw else int(a[0].shape[0])
-                                for a, kw in batches)}
+                       "n": sum(_batch_size(b) or 0 for b in batches)}
 
 
 def _attach_output_mode(report: Report, records: list) -> None:

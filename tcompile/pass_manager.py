@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
 from torch.fx.passes.infra.pass_base import PassResult
 
 from tcompile.analysis.attention import analyze_attention

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from tcompile.analysis.attention import require_attention
+from tcompile.analysis.attention import per_token_outputs, require_attention
 from tcompile.budget import Budget
 from tcompile.cost import graph_cost, predict_latency
 from tcompile.errors import BudgetUnreachableError, TCompileError
@@ -58,13 +58,6 @@ def _prune_levels(program: Program) -> int:
     return 19  # keep ratio 0.95 .. 0.05 in steps of 0.05
 
 
-def _per_token_outputs(program: Program) -> bool:
-    from tcompile.analysis.graph_utils import output_nodes
-    from tcompile.analysis.shapes import shape_of
-    n0 = require_attention(program).sites[0].q_tokens
-    return any((shape_of(n) or ())[1:2] == (n0,) for n in output_nodes(program.gm))
-
-
 CANDIDATE_FAMILIES: list[Family] = [
     Family("token_merging{method=tome}", _merge_levels,
            lambda p, lv: [PassSpec.make("token_merging", **_merge_schedule(p, lv))]),
@@ -72,7 +65,7 @@ CANDIDATE_FAMILIES: list[Family] = [
            lambda p, lv: [PassSpec.make("token_merging", method="pitome", **_merge_schedule(p, lv))]),
     Family("token_pruning", _prune_levels,
            lambda p, lv: [PassSpec.make("token_pruning", keep=round(1.0 - 0.05 * lv, 2),
-                                        fuse=_per_token_outputs(p))]),
+                                        fuse=bool(per_token_outputs(p)))]),
 ]
 
 

@@ -80,6 +80,13 @@ def require_attention(program: Program) -> AttentionAnalysis:
     return analysis
 
 
+def per_token_outputs(program: Program) -> list[torch.fx.Node]:
+    """Graph outputs shaped [B, N, ...] with N the tokens entering the first attention site
+    (e.g. ``last_hidden_state``): a token rewrite must restore or knowingly change them."""
+    n0 = require_attention(program).sites[0].q_tokens
+    return [n for n in output_nodes(program.gm) if len(shape_of(n) or ()) >= 3 and shape_of(n)[1] == n0]
+
+
 def _compute(program: Program) -> AttentionAnalysis:
     gm = program.gm
     sites: list[AttentionSite] = []
