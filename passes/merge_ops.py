@@ -1,16 +1,17 @@
 """Token merging math: ToMe's bipartite soft matching and PiToMe's energy-protected matching.
 
 Pure, model-agnostic tensor functions (the analogue of ToMe's ``merge.py``). Each takes the
-residual stream ``x`` [B, N, C], the block's keys ``k`` [B, H, N, d] as the similarity metric,
-the token state (sizes, source map), the static number of merges ``r`` and the count of
-leading special tokens ``protect`` that never merge, and returns the merged state with N - r
-tokens. Everything is size-weighted: x' = Σ(s·x)/Σs, s' = Σs.
+residual stream ``x`` [B, N, C], the similarity features ``k`` (the block's keys [B, H, N, d] or
+the hidden states [B, N, C]), the token state (sizes, source map), the static number of merges
+``r`` and the count of leading special tokens ``protect`` that never merge, and returns the
+merged state with N - r tokens. Everything is size-weighted: x' = Σ(s·x)/Σs, s' = Σs.
 
 Papers: Bolya et al., "Token Merging: Your ViT But Faster" (ICLR 2023), reference
 ``facebookresearch/ToMe``; Tran et al., "Accelerating Transformers with Spectrum-Preserving
 Token Merging" (NeurIPS 2024), reference ``hchautran/PiToMe``.
 
-Departure from ToMe: the protected tokens are set aside before the even/odd split (as PiToMe
+Departures from ToMe: padding (size 0) merges first and never receives a real token, so a
+padded sentence is exact until its pads are gone; the protected tokens are set aside before the even/odd split (as PiToMe
 does) instead of masking CLS's row, so any number of leading special tokens is supported.
 """
 from __future__ import annotations
@@ -19,16 +20,18 @@ import torch
 import torch.nn.functional as F
 
 
-_PAD_PRIORITY = 1e4  # pads (size 0) merge first: merging them changes nothing real
+_FIRST = 1e4  # source priority of a pad (size 0): merging it changes nothing real
 
 
 def _metric(k: torch.Tensor, protect: int) -> torch.Tensor:
-    """Head-averaged, L2-normalised keys of the mergeable tokens [B, T, d].
+    """L2-normalised similarity features of the mergeable tokens [B, T, d].
 
-    ``k`` is usually the [B, H, N, d] transposed view of a [B, N, H, d] projection, so the mean
-    is taken over dim 2 of the un-transposed layout, which reads memory in order.
+    ``k`` is either keys [B, H, N, d], averaged over heads (ToMe's choice), or hidden states
+    [B, N, C] used as they are. Keys are usually the [B, H, N, d] transposed view of a
+    [B, N, H, d] projection, so the mean is taken over dim 2 of the un-transposed layout, which
+    reads memory in order.
     """
-    m = k.transpose(1, 2).mean(dim=2)[:, protect:]
+    m = (k.transpose(1, 2).mean(dim=2) if k.dim() == 4 else k)[:, protect:]
     return m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -75,21 +78,44 @@ def merge_into_representatives(x: torch.Tensor, sizes: torch.Tensor, src_map: to
     return x_new, s_tot, src_map
 
 
+def _merge_arrangement(x: torch.Tensor, sizes: torch.Tensor, src_map: torch.Tensor | None, tokens: torch.Tensor,
+                       priority: torch.Tensor, dest: torch.Tensor, pad: torch.Tensor, r: int, protect: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Merge the ``r`` highest-priority positions of an arrangement of the mergeable tokens.
+
+    ``tokens`` [B, T] is the token index at each position; kept tokens come out in this order.
+    ``priority`` [B, T] ranks positions as sources (pads highest); ``dest`` [B, T] is the position
+    each would merge into, which must never itself be a source. ``pad`` [B, T] marks padding:
+    a pad merges into output row 0, which changes nothing because its size is 0.
+    """
+    t = tokens.shape[1]
+    src = priority.argsort(dim=-1, descending=True)[:, :r]
+    is_src = torch.zeros_like(tokens).scatter(1, src, 1)
+    kept = (_arange(t, tokens) + is_src * t).argsort(dim=-1)[:, :t - r]          # in arrangement order
+    row_of = torch.zeros_like(tokens).scatter(1, kept, _arange(t - r, kept))
+    row = torch.where(pad.gather(1, src), 0, row_of.gather(1, dest.gather(1, src)))
+    return merge_into_representatives(x, sizes, src_map, tokens.gather(1, kept), tokens.gather(1, src), row, protect)
+
+
 def tome_merge(x: torch.Tensor, k: torch.Tensor, sizes: torch.Tensor, src_map: torch.Tensor | None,
                r: int, protect: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """ToMe bipartite soft matching: A = even, B = odd mergeable tokens; the r A-tokens with the
-    most similar B partner merge into it. Output order: [protected, unmerged A, B]."""
+    most similar B partner merge into it. Output order: [protected, unmerged A, B].
+
+    Padding (size 0) goes first from either side, so a padded sentence loses real tokens only
+    once its pads are gone; real tokens never merge into a pad. Without pads this is ToMe exactly.
+    """
     metric = _metric(k, protect)
+    pad = sizes[:, protect:, 0] <= 0                                        # [B, T]
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)            # [B, Na, Nb]
-    s_a = sizes[:, protect::2, 0]
-    scores = scores + (s_a <= 0).to(scores.dtype).unsqueeze(-1) * _PAD_PRIORITY
+    scores = scores.masked_fill(pad[:, 1::2].unsqueeze(1), -_FIRST)
     node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True)
-    unm_idx, src_idx = edge_idx[:, r:].sort(dim=-1).values, edge_idx[:, :r]  # unmerged A keep their order
-    dst_idx = node_idx.gather(1, src_idx)
-    n_unm, nb = scores.shape[1] - r, scores.shape[2]
-    rep = torch.cat([2 * unm_idx, 2 * _arange(nb, unm_idx) + 1], dim=1)   # A/B index -> token index
-    return merge_into_representatives(x, sizes, src_map, rep, 2 * src_idx, dst_idx + n_unm, protect)
+    na, nb = scores.shape[1], scores.shape[2]
+    tokens = torch.cat([2 * _arange(na, node_idx), 2 * _arange(nb, node_idx) + 1], dim=1)
+    priority = torch.cat([node_max, node_max.new_full((node_max.shape[0], nb), -2 * _FIRST)], dim=1)
+    pad = torch.cat([pad[:, ::2], pad[:, 1::2]], dim=1)
+    dest = torch.cat([node_idx + na, torch.zeros_like(node_idx[:, :1]).expand(-1, nb)], dim=1)
+    return _merge_arrangement(x, sizes, src_map, tokens, priority.masked_fill(pad, _FIRST), dest, pad, r, protect)
 
 
 def pitome_merge(x: torch.Tensor, k: torch.Tensor, sizes: torch.Tensor, src_map: torch.Tensor | None,
@@ -97,19 +123,27 @@ def pitome_merge(x: torch.Tensor, k: torch.Tensor, sizes: torch.Tensor, src_map:
     """PiToMe: energy E_i = mean_j ELU(cos_ij - margin) (alpha 1, as the reference code); the 2r
     highest-energy tokens are mergeable, split alternately by rank into A and B; every A token
     merges into its most similar B token. Low-energy (isolated, informative) tokens are kept.
-    Output order: [protected, kept (energy order), B]."""
+    Output order: [protected, kept (energy order), B].
+
+    Padding (size 0) is left out of the energy, goes first as a source, and is never a
+    destination; then the highest-energy A tokens merge. Without pads this is PiToMe exactly.
+    """
     t = x.shape[1] - protect
     metric = _metric(k, protect)
+    pad = sizes[:, protect:, 0] <= 0
+    real = (~pad).to(metric.dtype)
     sim = metric @ metric.transpose(-1, -2)                                # [B, T, T]
-    energy = F.elu(sim - margin).mean(dim=-1)
-    energy = energy + (sizes[:, protect:, 0] <= 0).to(energy.dtype) * _PAD_PRIORITY
-    order = energy.argsort(dim=-1, descending=True)
+    energy = (F.elu(sim - margin) * real.unsqueeze(1)).sum(dim=-1) / real.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    order = energy.masked_fill(pad, -_FIRST).argsort(dim=-1, descending=True)
     a_idx, b_idx, keep_idx = order[:, 0:2 * r:2], order[:, 1:2 * r:2], order[:, 2 * r:]
     sim_ab = sim.gather(1, a_idx.unsqueeze(-1).expand(-1, -1, t)).gather(2, b_idx.unsqueeze(1).expand(-1, r, -1))
-    dst_idx = sim_ab.argmax(dim=-1)                                        # [B, r] into b_idx
-    n_keep = t - 2 * r
-    return merge_into_representatives(x, sizes, src_map, torch.cat([keep_idx, b_idx], dim=1), a_idx,
-                                      dst_idx + n_keep, protect)
+    dst_idx = sim_ab.masked_fill(pad.gather(1, b_idx).unsqueeze(1), -_FIRST).argmax(dim=-1)   # [B, r] into b_idx
+    tokens = torch.cat([a_idx, keep_idx, b_idx], dim=1)                    # positions: A | kept | B
+    rank = -torch.arange(r, device=x.device, dtype=energy.dtype)           # A by energy rank
+    priority = torch.cat([rank.expand(x.shape[0], r), energy.new_full((x.shape[0], t - r), -2 * _FIRST)], dim=1)
+    pad = pad.gather(1, tokens)
+    dest = torch.cat([dst_idx + (t - r), torch.zeros_like(dst_idx[:, :1]).expand(-1, t - r)], dim=1)
+    return _merge_arrangement(x, sizes, src_map, tokens, priority.masked_fill(pad, _FIRST), dest, pad, r, protect)
 
 
 def pitome_margin(layer: int, num_layers: int) -> float:

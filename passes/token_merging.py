@@ -1,7 +1,8 @@
 """Pass ``token_merging``: ToMe / PiToMe token merging between attention and MLP in every block.
 
 Runs on encoders (ViT, BERT/MiniLM) captured by tcompile. At each scheduled layer it merges r
-tokens of the residual stream (keys as the similarity metric), tracks sizes, biases later
+tokens of the residual stream (keys as the similarity metric, as ToMe; or the hidden states,
+which keep sentence embeddings far closer on MiniLM: bench/RESULTS.md), tracks sizes, biases later
 attention by log(size) (proportional attention), keeps leading special tokens (CLS) unmerged,
 and restores per-token outputs to the original positions (``output=unmerge``), which also makes
 size-weighted mean pooling exact with respect to the merged states.
@@ -34,6 +35,7 @@ class TokenMergingOptions:
     schedule: str = "constant"             # "constant" | "decreasing" (ToMe's inflect=-1: 2r → 0)
     layers: tuple[int, ...] | None = None  # or: an explicit r per layer (missing layers merge nothing)
     method: str = "tome"                   # "tome" | "pitome"
+    metric: str = "keys"                   # similarity features: "keys" (ToMe's default) | "hidden" (residual stream)
     prop_attn: bool = True                 # proportional attention (log-size bias)
     output: str = "unmerge"                # per-token outputs: "unmerge" to original positions | "merged"
     protect: int | None = None             # leading tokens never merged; None: detected (CLS)
@@ -54,6 +56,7 @@ class TokenMergingOptions:
             if any(not isinstance(v, int) or v < 0 for v in self.layers):
                 raise PassOptionError(f"token_merging: layers={self.layers!r} must be non-negative integers")
         for name, allowed in (("schedule", ("constant", "decreasing")), ("method", ("tome", "pitome")),
+                              ("metric", ("keys", "hidden")),
                               ("output", ("unmerge", "merged"))):
             if getattr(self, name) not in allowed:
                 raise PassOptionError(f"token_merging: {name}={getattr(self, name)!r} must be one of {allowed}")
@@ -97,10 +100,11 @@ class _Merger(TokenReducer):
         return out
 
     def emit(self, rc: ReducerContext, remove: int) -> torch.fx.Node:
+        metric = rc.site.k if self.options.metric == "keys" else rc.x
         if self.options.method == "pitome":
-            return rc.graph.call_function(pitome_merge, (rc.x, rc.site.k, rc.sizes, rc.src_map, remove, rc.protect,
+            return rc.graph.call_function(pitome_merge, (rc.x, metric, rc.sizes, rc.src_map, remove, rc.protect,
                                                          pitome_margin(rc.layer, rc.num_layers)))
-        return rc.graph.call_function(tome_merge, (rc.x, rc.site.k, rc.sizes, rc.src_map, remove, rc.protect))
+        return rc.graph.call_function(tome_merge, (rc.x, metric, rc.sizes, rc.src_map, remove, rc.protect))
 
 
 @register_pass("token_merging", options=TokenMergingOptions, family="token_reduction")

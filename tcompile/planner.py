@@ -61,6 +61,8 @@ def _prune_levels(program: Program) -> int:
 CANDIDATE_FAMILIES: list[Family] = [
     Family("token_merging{method=tome}", _merge_levels,
            lambda p, lv: [PassSpec.make("token_merging", **_merge_schedule(p, lv))]),
+    Family("token_merging{metric=hidden}", _merge_levels,
+           lambda p, lv: [PassSpec.make("token_merging", metric="hidden", **_merge_schedule(p, lv))]),
     Family("token_merging{method=pitome}", _merge_levels,
            lambda p, lv: [PassSpec.make("token_merging", method="pitome", **_merge_schedule(p, lv))]),
     Family("token_pruning", _prune_levels,

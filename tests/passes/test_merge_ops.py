@@ -40,6 +40,24 @@ def test_pitome_matches_reference(n, r, protect):
         torch.testing.assert_close(sizes[b, :, 0], rs)
 
 
+@pytest.mark.parametrize("fn,ref,args", [(tome_merge, ref_tome, ()), (pitome_merge, ref_pitome, (0.5,))])
+@pytest.mark.parametrize("pads,r", [(3, 5), (5, 2), (6, 6), (9, 4)])
+def test_padding_merges_first_then_matches_reference(fn, ref, args, pads, r):
+    """Pads (size 0) leave first, from either side of the split; the real tokens that remain and
+    their sizes match the reference (which pads remain is arbitrary, so only real rows compare)."""
+    x, k, s = _inputs(n=21, seed=11)
+    s[0, -pads:] = 0.0
+    out, sizes, _ = fn(x, k, s, None, r, 1, *args)
+    for b in range(2):
+        rx, rs = ref(x[b], k[b], s[b, :, 0], r, 1, *args)
+        real = sizes[b, :, 0] > 0
+        torch.testing.assert_close(out[b][real], rx[rs > 0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sizes[b, real, 0], rs[rs > 0])
+    assert int((sizes[0, :, 0] == 0).sum()) == max(pads - r, 0)     # pads went before any real token
+    if pads >= r:                                                       # only pads merged: real rows exact
+        torch.testing.assert_close(out[0][sizes[0, :, 0] > 0].sort(0).values, x[0, :21 - pads].sort(0).values)
+
+
 def test_pitome_protects_lowest_energy_tokens():
     x, k, s = _inputs(n=21, seed=5)
     r, protect, margin = 5, 1, 0.5

@@ -37,15 +37,16 @@ def test_structure_and_statistics(vit_program):
     assert tome_merge not in _targets(vit_program)
 
 
-@pytest.mark.parametrize("method", ["tome", "pitome"])
-def test_numerics_match_float64_reference(vit_model, method):
+@pytest.mark.parametrize("method,metric", [("tome", "keys"), ("pitome", "keys"), ("tome", "hidden"),
+                                           ("pitome", "hidden")])
+def test_numerics_match_float64_reference(vit_model, method, metric):
     model64 = copy.deepcopy(vit_model).double()
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     prog = capture(model64, {"pixel_values": x[:2]})
-    out, _ = _run(prog, f"token_merging{{r=5,method={method}}}")
+    out, _ = _run(prog, f"token_merging{{r=5,method={method},metric={metric}}}")
     got = out.gm(pixel_values=x).logits                    # batch 3: not the captured batch
     margins = [pitome_margin(i, 4) for i in range(4)]
-    want = ref_vit(vit_model, x, [5, 5, 5, 5], method=method, margins=margins)
+    want = ref_vit(vit_model, x, [5, 5, 5, 5], method=method, margins=margins, metric=metric)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
@@ -114,7 +115,7 @@ def test_exported_graph_uses_only_exportable_ops(vit_program):
 
 def test_bad_options():
     for text, match in [("token_merging{r=-1}", "non-negative"), ("token_merging{ratio=0.7}", r"\[0, 0.5\]"),
-                        ("token_merging{method=foo}", "method"), ("token_merging{r=4,ratio=0.1}", "only one"),
+                        ("token_merging{method=foo}", "method"), ("token_merging{metric=values}", "metric"), ("token_merging{r=4,ratio=0.1}", "only one"),
                         ("token_merging{rr=4}", "no option")]:
         with pytest.raises(PassOptionError, match=match):
             parse_pipeline(text)

@@ -19,8 +19,9 @@ def _heads(t, h):
 
 
 @torch.no_grad()
-def ref_vit(model, pixel_values, removals, method="tome", prop_attn=True, fuse=False, margins=None):
-    """``removals[l]``: tokens merged (tome/pitome) or the keep count (evit) after layer l's attention."""
+def ref_vit(model, pixel_values, removals, method="tome", prop_attn=True, fuse=False, margins=None, metric="keys"):
+    """``removals[l]``: tokens merged (tome/pitome) or the keep count (evit) after layer l's attention;
+    ``metric``: merge similarity on the keys or on the hidden states after attention."""
     m = copy.deepcopy(model).double()
     h_count = m.config.num_attention_heads
     x = m.vit.embeddings(pixel_values.double())
@@ -39,10 +40,11 @@ def ref_vit(model, pixel_values, removals, method="tome", prop_attn=True, fuse=F
         if amount:
             rows = []
             for b in range(x.shape[0]):
+                feat = k[b] if metric == "keys" else x[b].unsqueeze(0)
                 if method == "tome":
-                    rows.append(ref_tome(x[b], k[b], sizes[b], amount, 1))
+                    rows.append(ref_tome(x[b], feat, sizes[b], amount, 1))
                 elif method == "pitome":
-                    rows.append(ref_pitome(x[b], k[b], sizes[b], amount, 1, margins[layer_idx]))
+                    rows.append(ref_pitome(x[b], feat, sizes[b], amount, 1, margins[layer_idx]))
                 else:
                     rows.append(ref_evit(x[b], q[b], k[b], sizes[b], amount, 1, fuse))
             x = torch.stack([r[0] for r in rows])
