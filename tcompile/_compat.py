@@ -126,3 +126,25 @@ def fake_propagate(gm: torch.fx.GraphModule, flat_inputs: list[Any]) -> None:
     fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat_inputs]
     with mode:
         FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*fake_inputs)
+
+
+def append_graph_outputs(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> None:
+    """Append ``nodes`` to the flat outputs of an unlifted exported module whose output is a tuple.
+
+    Its generated ``forward`` unflattens the outputs with the module's ``_out_spec`` (and the
+    graph's ``_PyTreeCodeGen``), so both specs grow with the new leaves.
+    """
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    leaves = list(out.args[0]) + list(nodes)
+    _, old_spec = graph_module_specs(gm)
+    if old_spec is not None and (old_spec.type is not tuple or any(not c.is_leaf() for c in old_spec.children())):
+        raise ValueError("append_graph_outputs needs a module that returns a flat tuple of tensors")
+    out.args = (tuple(leaves),)
+    new_spec = tree_flatten(tuple(range(len(leaves))))[1]
+    if hasattr(gm, "_out_spec"):
+        gm._out_spec = new_spec
+    codegen = getattr(gm.graph, "_codegen", None)
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None:
+        codegen.pytree_info = info._replace(out_spec=new_spec)
+    gm.recompile()

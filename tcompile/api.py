@@ -63,6 +63,10 @@ def optimize(model: torch.nn.Module, budget: Any = None, example_inputs: Any = N
     ``passes=None`` lets the planner choose, a list (or pipeline text) forces the pipeline and
     ``[]`` runs the captured model with no rewrite. The user's model is never modified.
     """
+    from tcompile.runtime.lm_capture import is_causal_lm
+    if isinstance(model, torch.nn.Module) and is_causal_lm(model):
+        from tcompile.runtime.lm_optimize import optimize_lm
+        return optimize_lm(model, budget=budget, passes=passes, backend=backend, calibration=calibration, name=name)
     backend_impl = get_backend(backend)            # fail fast: before any capture work
     budget_obj = Budget.parse(budget)
     specs = as_specs(passes)

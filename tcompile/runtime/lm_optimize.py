@@ -1,0 +1,142 @@
+"""``optimize`` for causal LMs: capture prefill/decode, apply KV passes, plan a KV budget.
+
+``tcompile.optimize`` routes here when the model generates text. The pipeline holds at most one
+KV-eviction pass; with ``Budget(kv_cache=f)`` and no pipeline, every KV policy is tried at
+``ratio=f`` and the one whose teacher-forced logits stay closest to the full cache on the
+calibration text is kept (fidelity: mean cosine of next-token logits, and top-1 agreement).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tcompile.artifact import versions
+from tcompile.budget import Budget
+from tcompile.errors import BackendUnavailableError, PassOptionError, TCompileError
+from tcompile.pass_manager import PassManager
+from tcompile.passes.kv_eviction import POLICIES, is_kv_pass, make_policy
+from tcompile.registry import PassSpec, as_specs, format_pipeline
+from tcompile.report import Report
+from tcompile.report.report import CandidateRecord
+from tcompile.runtime.generate import LMRuntime
+from tcompile.runtime.lm_capture import LMProgram, capture_lm
+
+log = logging.getLogger(__name__)
+
+
+class OptimizedLM:
+    """A causal LM captured as prefill/decode graphs with its KV policy: ``generate`` and a report."""
+
+    def __init__(self, program: LMProgram, runtime: LMRuntime, report: Report, pipeline: str,
+                 budget: dict | None) -> None:
+        self.program, self.runtime, self.report = program, runtime, report
+        self.pipeline, self.budget, self.backend = pipeline, budget, "eager"
+        self.model_name = program.model_name
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """As transformers' ``generate``: prompt ids (left padded) → prompt + new ids."""
+        return self.runtime.generate(input_ids, attention_mask, **kwargs)
+
+    @property
+    def last_stats(self) -> Any:
+        """Cache sizes and timings of the last ``generate`` call."""
+        return self.runtime.last_stats
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits [B, V] for a (left-padded) prompt: the prefill step."""
+        ids, mask = self.runtime._check(input_ids, attention_mask, 1)
+        with torch.no_grad():
+            return self.runtime.prefill_fn(ids, mask)[0]
+
+    def export(self, path: Any) -> Any:
+        raise TCompileError("exporting a causal LM artifact (prefill + decode graphs) is not implemented yet; "
+                            "use opt.generate in this process")
+
+    def __repr__(self) -> str:
+        return f"OptimizedLM({self.model_name}, pipeline={self.pipeline!r})"
+
+
+def runtime_for(program: LMProgram, specs: list[PassSpec]) -> tuple[LMRuntime, list]:
+    """Apply ``specs`` to both graphs and build the runtime with the KV policy they name."""
+    kv = [s for s in specs if is_kv_pass(s.name)]
+    other = [s.name for s in specs if not is_kv_pass(s.name)]
+    if other:
+        raise PassOptionError(f"pass(es) {other} do not apply to causal LMs; use a KV-cache pass "
+                              f"({', '.join(sorted(POLICIES))})")
+    if len(kv) > 1:
+        raise PassOptionError(f"one KV-cache pass at a time, got {[s.name for s in kv]}")
+    info = {"kv_heads": program.spec.kv_heads}
+    program.prefill.info.update(info)
+    program.decode.info.update(info)
+    manager = PassManager(verify=False)
+    prefill, rec_p = manager.run(program.prefill, specs)
+    decode, rec_d = manager.run(program.decode, specs)
+    policy = make_policy(kv[0].name, kv[0].options) if kv else None
+    return LMRuntime(prefill.gm, decode.gm, program.spec, policy), rec_p + rec_d
+
+
+def logit_fidelity(reference: LMRuntime, candidate: LMRuntime, calibration: list[torch.Tensor],
+                   continuation: int = 32) -> tuple[float, float]:
+    """Mean cosine of next-token logits and top-1 agreement over the last ``continuation`` tokens of
+    each calibration sequence, teacher-forced with the cache evicted as it goes."""
+    cosines, agree = [], []
+    for ids in calibration:
+        ids = ids.reshape(-1)
+        prompt, cont = ids[:-continuation], ids[-continuation:]
+        ref, got = reference.teacher_force(prompt, cont), candidate.teacher_force(prompt, cont)
+        cosines.append(F.cosine_similarity(ref, got, dim=-1).mean().item())
+        agree.append((ref.argmax(-1) == got.argmax(-1)).float().mean().item())
+    return sum(cosines) / len(cosines), sum(agree) / len(agree)
+
+
+def optimize_lm(model: torch.nn.Module, budget: Any = None, passes: Any = None, backend: str = "eager",
+                calibration: Any = None, name: str | None = None) -> OptimizedLM:
+    if backend != "eager":
+        raise BackendUnavailableError(f"backend {backend!r} is not available for causal LMs yet; the generation "
+                                      "runtime runs the eager prefill/decode graphs (backend='eager')")
+    budget_obj = Budget.parse(budget)
+    specs = as_specs(passes)
+    program = capture_lm(model, name)
+    notes: list[str] = []
+    candidates: list[CandidateRecord] = []
+    if specs is None:
+        specs, candidates = _plan(program, budget_obj, calibration, notes)
+    runtime, records = runtime_for(program, specs)
+    pipeline = format_pipeline(specs)
+    report = Report(program.model_name, pipeline, target="cpu", backend=backend,
+                    budget=budget_obj.to_dict() if budget_obj else None, passes=records, candidates=candidates,
+                    versions=versions(), notes=notes)
+    return OptimizedLM(program, runtime, report, pipeline, budget_obj.to_dict() if budget_obj else None)
+
+
+def _plan(program: LMProgram, budget: Budget | None, calibration: Any, notes: list[str]
+          ) -> tuple[list[PassSpec], list[CandidateRecord]]:
+    kv_budget = getattr(budget, "kv_cache", None) if budget is not None else None
+    if kv_budget is None:
+        notes.append("no kv_cache budget: the full cache is kept (no KV pass)")
+        return [], []
+    if calibration is None:
+        raise TCompileError("Budget(kv_cache=...) needs calibration text to choose a KV policy: pass "
+                            "calibration=[token ids tensor, ...] (a few hundred tokens of representative text each)")
+    batches = [c if isinstance(c, torch.Tensor) else torch.as_tensor(c) for c in
+               (calibration if isinstance(calibration, (list, tuple)) else [calibration])]
+    reference, _ = runtime_for(program, [])
+    candidates, best = [], None
+    for pass_name in sorted(POLICIES):
+        spec = PassSpec.make(pass_name, ratio=kv_budget)
+        runtime, _ = runtime_for(program, [spec])
+        cos, agree = logit_fidelity(reference, runtime, batches)
+        record = CandidateRecord(format_pipeline([spec]), fidelity=cos,
+                                 note=f"top-1 agreement {agree:.3f} with the full cache")
+        candidates.append(record)
+        if best is None or cos > best[0]:
+            best = (cos, spec, record)
+    best[2].chosen = True
+    best[2].note += "; chosen: highest logit fidelity at this budget"
+    if budget.quality is not None and best[0] < budget.quality:
+        notes.append(f"no KV policy reaches quality {budget.quality} at kv_cache={kv_budget}: best "
+                     f"{best[0]:.4f} ({format_pipeline([best[1]])})")
+    return [best[1]], candidates

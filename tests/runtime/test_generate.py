@@ -1,0 +1,89 @@
+"""The prefill/decode runtime against transformers' own generate, and its input checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tcompile
+from tcompile.errors import CaptureError
+from tcompile.runtime import capture_lm
+from tcompile.runtime.lm_optimize import runtime_for
+
+
+def _hf(model, ids, mask, n):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+def test_greedy_equals_transformers_batch_1_and_3(which, request, prompts):
+    model, program = request.getfixturevalue(which), request.getfixturevalue(f"{which}_program")
+    runtime, _ = runtime_for(program, [])
+    ids, mask = prompts
+    got = runtime.generate(ids, mask, max_new_tokens=12)
+    assert got.shape == (3, 28)
+    assert torch.equal(got, _hf(model, ids, mask, 12))
+    one = runtime.generate(ids[2:, 6:], max_new_tokens=12)      # batch 1, no padding
+    assert torch.equal(one, _hf(model, ids[2:, 6:], None, 12))
+    assert torch.equal(one[0, 10:], got[2, 16:])                 # padding does not change a row
+
+
+def test_cache_grows_by_one_entry_per_step_without_a_policy(llama_program, prompts):
+    runtime, _ = runtime_for(llama_program, [])
+    ids, mask = prompts
+    runtime.generate(ids, mask, max_new_tokens=5)
+    stats = runtime.last_stats
+    assert stats.cache_entries_after_prefill == 16 and stats.peak_cache_entries == 16 + 4
+    assert stats.peak_cache_bytes == llama_program.spec.cache_bytes(3, 20) == stats.full_cache_bytes
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(llama_program, prompts):
+    runtime, _ = runtime_for(llama_program, [])
+    ids, mask = prompts
+    a = runtime.generate(ids, mask, max_new_tokens=8, do_sample=True, temperature=0.7, top_p=0.9,
+                         generator=torch.Generator().manual_seed(3))
+    b = runtime.generate(ids, mask, max_new_tokens=8, do_sample=True, temperature=0.7, top_p=0.9,
+                         generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and int(a.max()) < 128
+    greedy = runtime.generate(ids, mask, max_new_tokens=8)
+    assert torch.equal(runtime.generate(ids, mask, max_new_tokens=8, do_sample=True, top_k=1), greedy)
+
+
+def test_stops_at_eos_and_pads_finished_rows(llama_program, prompts):
+    runtime, _ = runtime_for(llama_program, [])
+    ids, mask = prompts
+    free = runtime.generate(ids, mask, max_new_tokens=6)
+    eos = int(free[0, 17])                                       # row 0's second new token
+    out = runtime.generate(ids, mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    row0 = out[0, 16:]
+    assert int(row0[1]) == eos and bool((row0[2:] == 0).all())
+
+
+def test_optimize_routes_causal_lms_to_the_runtime(llama, prompts):
+    opt = tcompile.optimize(llama, passes="kv_streaming{tokens=8}")
+    ids, mask = prompts
+    assert opt.generate(ids, mask, max_new_tokens=4).shape == (3, 20)
+    assert opt.pipeline == "kv_streaming{tokens=8}"
+    assert opt(ids, mask).shape == (3, 128)
+
+
+def test_bad_input_gives_clear_errors(llama_program, prompts, llama):
+    runtime, _ = runtime_for(llama_program, [])
+    ids, mask = prompts
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        runtime.generate(ids, mask, max_new_tokens=0)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        runtime.generate(ids + 200, mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match="left padding"):
+        runtime.generate(ids, mask.flip(1), max_new_tokens=2)
+    with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
+        runtime.generate(ids, mask, max_new_tokens=600)
+    with pytest.raises(TypeError, match="integer tensor"):
+        runtime.generate(ids.float(), mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match="temperature"):
+        runtime.generate(ids, mask, max_new_tokens=2, do_sample=True, temperature=0.0)
+
+
+def test_encoder_is_not_a_causal_lm():
+    from tcompile.models.vision import tiny_bert
+    with pytest.raises(CaptureError, match="not a causal LM"):
+        capture_lm(tiny_bert())
