@@ -66,8 +66,26 @@ def _tiny_bert(batch: int) -> ZooModel:
     return ZooModel("tiny-bert", tiny_bert(), inputs, [inputs], "tiny random BERT with padding (tests)")
 
 
+def _smollm2(batch: int) -> ZooModel:
+    from tcompile.models.data import pydoc_sentences
+    from tcompile.models.lm import load_smollm2, load_smollm2_tokenizer
+    model, tok = load_smollm2(), load_smollm2_tokenizer()
+    text = " ".join(pydoc_sentences(400))
+    ids = torch.tensor(tok.encode(text, add_special_tokens=False))
+    calibration = [ids[i:i + 512].unsqueeze(0) for i in range(0, 2048, 512)]
+    return ZooModel("smollm2", model, {"input_ids": calibration[0][:, :64].repeat(batch, 1)}, calibration,
+                    "SmolLM2-135M-Instruct (real weights, from the offline GGUF package), causal LM")
+
+
+def _tiny_llama(batch: int) -> ZooModel:
+    from tcompile.models.lm import tiny_llama
+    ids = torch.randint(0, 128, (batch, 32), generator=torch.Generator().manual_seed(0))
+    return ZooModel("tiny-llama", tiny_llama(), {"input_ids": ids}, [ids[:1]],
+                    "tiny random Llama with GQA (tests)")
+
+
 ZOO: dict[str, Callable[[int], ZooModel]] = {
-    "minilm": _minilm, "fashion-vit": _fashion_vit, "vit-b16": _vit_b16, "tiny-vit": _tiny_vit,
+    "minilm": _minilm, "smollm2": _smollm2, "tiny-llama": _tiny_llama, "fashion-vit": _fashion_vit, "vit-b16": _vit_b16, "tiny-vit": _tiny_vit,
     "tiny-bert": _tiny_bert,
 }
 

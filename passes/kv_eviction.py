@@ -72,6 +72,8 @@ class SnapKVOptions(KVOptions):
     window: int = 32               # observation window: the last prompt tokens vote, and are kept
     kernel: int = 5                # pooling kernel over the votes
     pool: str = "avg"              # "avg" | "max"
+    heads: str = "each"            # "each": per-KV-head selection (SnapKV) | "shared": one set per layer
+    spread: str = "centered"       # pooling window: "centered" (SnapKV) | "forward" (a vote keeps what follows)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,6 +83,10 @@ class SnapKVOptions(KVOptions):
             raise PassOptionError(f"SnapKVOptions: kernel={self.kernel!r} must be a positive odd integer")
         if self.pool not in ("avg", "max"):
             raise PassOptionError(f"SnapKVOptions: pool={self.pool!r} must be 'avg' or 'max'")
+        if self.spread not in ("centered", "forward"):
+            raise PassOptionError(f"SnapKVOptions: spread={self.spread!r} must be 'centered' or 'forward'")
+        if self.heads not in ("each", "shared"):
+            raise PassOptionError(f"SnapKVOptions: heads={self.heads!r} must be 'each' or 'shared'")
 
 
 @dataclass(frozen=True)
@@ -152,8 +158,8 @@ class StreamingPolicy(KVPolicy):
 class SnapKVPolicy(KVPolicy):
     """SnapKV: the last ``window`` prompt queries vote (softmax over all keys, summed over the
     window, averaged over each KV head's query group: the GQA fix), votes are pooled, the window
-    is kept. While decoding (SnapKV itself never evicts then) a new entry gets the top stored vote,
-    so the least-voted prompt entries leave first."""
+    is kept. While decoding (SnapKV itself never evicts then) a new entry gets a vote above all
+    stored ones, so the least-voted prompt entries leave first."""
 
     decode_scores = False
 
@@ -162,11 +168,13 @@ class SnapKVPolicy(KVPolicy):
         self.prefill_rows = options.window
 
     def prefill(self, scores, pos, seen, capacity):
-        votes = pool_scores(scores, self.options.kernel, self.options.pool)
+        if self.options.heads == "shared":   # every KV head of the layer keeps the same entries
+            scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
+        votes = pool_scores(scores, self.options.kernel, self.options.pool, self.options.spread == "forward")
         return self._protected(votes, pos, seen, capacity), votes
 
     def decode(self, scores, pos, seen, state, capacity):
-        top = state.amax(dim=-1, keepdim=True)
+        top = state.amax(dim=-1, keepdim=True) + 1.0   # above every vote, and no ties between new entries
         state = torch.cat([state, top], dim=-1)
         return self._protected(state, pos, seen, capacity), state
 

@@ -45,14 +45,21 @@ def gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))
 
 
-def pool_scores(scores: torch.Tensor, kernel: int, mode: str) -> torch.Tensor:
-    """SnapKV's smoothing of window votes along the keys (stride 1, same length)."""
+def pool_scores(scores: torch.Tensor, kernel: int, mode: str, forward: bool = False) -> torch.Tensor:
+    """SnapKV's smoothing of window votes along the keys (stride 1, same length).
+
+    ``forward`` spreads each vote only to the ``kernel - 1`` entries after it (a one-sided window),
+    so a voted phrase keeps its continuation: what copy/induction heads read next when the
+    answer is generated.
+    """
     if kernel <= 1:
         return scores
     b, h, n = scores.shape
     flat = scores.reshape(b * h, 1, n)
-    if mode == "max":
-        out = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    pool = F.max_pool1d if mode == "max" else F.avg_pool1d
+    if forward:
+        fill = float("-inf") if mode == "max" else 0.0
+        out = pool(F.pad(flat, (kernel - 1, 0), value=fill), kernel, stride=1)
     else:
-        out = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+        out = pool(flat, kernel, stride=1, padding=kernel // 2)
     return out.reshape(b, h, -1)[..., :n]

@@ -13,6 +13,7 @@ import torch
 from tcompile.analysis.attention import require_attention
 from tcompile.artifact import versions
 from tcompile.budget import Budget
+from tcompile.errors import PassOptionError
 from tcompile.capture import capture, normalize_inputs
 from tcompile.cost import get_profile, measure_latency, predict_latency
 from tcompile.fidelity import output_cosine
@@ -70,6 +71,7 @@ def optimize(model: torch.nn.Module, budget: Any = None, example_inputs: Any = N
     backend_impl = get_backend(backend)            # fail fast: before any capture work
     budget_obj = Budget.parse(budget)
     specs = as_specs(passes)
+    _refuse_lm_only_passes(model, specs)
     profile = get_profile(target)
     if isinstance(calibration, (list, tuple)) and len(calibration) == 0:
         raise ValueError("calibration is empty; pass at least one batch of inputs, or None for the example inputs")
@@ -105,6 +107,16 @@ def optimize(model: torch.nn.Module, budget: Any = None, example_inputs: Any = N
                           budget=budget_obj.to_dict() if budget_obj else None,
                           inputs=input_specs(program.example_args, program.example_kwargs),
                           model_name=baseline.model_name)
+
+
+def _refuse_lm_only_passes(model: Any, specs: list | None) -> None:
+    """A KV-cache pass forced on a model that is not a causal LM is a user error, not a skip."""
+    from tcompile.passes.kv_eviction import is_kv_pass
+    wrong = [s.name for s in specs or [] if is_kv_pass(s.name)]
+    if wrong:
+        raise PassOptionError(f"{', '.join(wrong)} evict KV-cache entries of causal LMs, but {type(model).__name__} "
+                              "is not a causal LM (no generate(), or an encoder); use token_merging or "
+                              "token_pruning for encoders")
 
 
 def _plan(specs: list | None, budget_obj: Budget | None, baseline: Program, profile: Any, batches: list,

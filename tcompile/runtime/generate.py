@@ -59,6 +59,33 @@ class GenerationStats:
         return 1e3 * ordered[len(ordered) // 2]
 
 
+def append_and_evict(policy: KVPolicy | None, capacity: int | None, kv: list[torch.Tensor],
+                     scores: list[torch.Tensor], pos: list[torch.Tensor], state: list[torch.Tensor | None],
+                     valid: torch.Tensor, seen: torch.Tensor
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None], torch.Tensor]:
+    """Book the entry a decode step appended (slot C, position ``seen``) and, with a policy, evict
+    back to ``capacity``. Pure tensor code: the runtime calls it, and ``EvictingDecode`` traces it
+    into the exported decode step."""
+    new_pos = seen[:, None, None].expand(-1, kv[0].shape[1], 1)
+    pos = [torch.cat([p, new_pos], dim=-1) for p in pos]
+    valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+    if policy is None:
+        return kv, pos, state, valid
+    seen = seen + 1
+    cut = capacity is not None and valid.shape[1] > capacity
+    kv, state, new_valid = list(kv), list(state), None
+    for layer in range(len(pos)):
+        priority, state[layer] = policy.decode(scores[layer] if scores else None, pos[layer], seen, state[layer],
+                                               capacity)
+        if cut:
+            idx, new_valid = select(priority, valid, capacity)
+            kv[2 * layer], kv[2 * layer + 1] = gather(kv[2 * layer], idx), gather(kv[2 * layer + 1], idx)
+            pos[layer] = gather(pos[layer], idx)
+            if state[layer] is not None:
+                state[layer] = gather(state[layer], idx)
+    return kv, pos, state, (new_valid if new_valid is not None else valid)
+
+
 class LMRuntime:
     """Runs ``prefill(ids, mask)`` and ``decode(ids, pos, valid, kv)`` callables to generate."""
 
@@ -151,24 +178,10 @@ class LMRuntime:
     def _decode(self, token: torch.Tensor, cache: CacheState, capacity: int | None) -> torch.Tensor:
         outs = self.decode_fn(token[:, None], cache.seen[:, None], cache.valid, tuple(cache.kv))
         logits, kv, scores = self._split(outs)
-        new_pos = cache.seen[:, None, None].expand(-1, kv[0].shape[1], 1)
-        cache.kv = kv
-        cache.pos = [torch.cat([p, new_pos], dim=-1) for p in cache.pos]
-        cache.valid = torch.cat([cache.valid, torch.ones_like(cache.valid[:, :1])], dim=1)
-        cache.seen = cache.seen + 1
         evict = self.policy is not None and self.policy.options.decode == "evict"
-        if evict:
-            cut = capacity is not None and cache.entries > capacity
-            new_valid = None
-            for layer in range(self.spec.num_layers):
-                priority, state = self.policy.decode(scores[layer] if scores else None, cache.pos[layer], cache.seen,
-                                                     cache.state[layer], capacity)
-                cache.state[layer] = state
-                if cut:
-                    idx, new_valid = select(priority, cache.valid, capacity)
-                    self._gather_layer(cache, layer, idx)
-            if new_valid is not None:
-                cache.valid = new_valid
+        cache.kv, cache.pos, cache.state, cache.valid = append_and_evict(
+            self.policy if evict else None, capacity, kv, scores, cache.pos, cache.state, cache.valid, cache.seen)
+        cache.seen = cache.seen + 1
         return logits
 
     @torch.no_grad()

@@ -87,3 +87,22 @@ def test_encoder_is_not_a_causal_lm():
     from tcompile.models.vision import tiny_bert
     with pytest.raises(CaptureError, match="not a causal LM"):
         capture_lm(tiny_bert())
+
+
+def test_kv_cache_budget_plans_among_policies(llama):
+    ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(2))
+    opt = tcompile.optimize(llama, budget="kv_cache=0.5", calibration=[ids])
+    names = [c.pipeline for c in opt.report.candidates]
+    assert len(names) == 5 and sum(c.chosen for c in opt.report.candidates) == 1
+    chosen = next(c for c in opt.report.candidates if c.chosen)
+    assert opt.pipeline == chosen.pipeline and "ratio=0.5" in opt.pipeline
+    assert all(c.fidelity is None or 0.0 < c.fidelity <= 1.0 + 1e-6 for c in opt.report.candidates)
+    with pytest.raises(tcompile.TCompileError, match="calibration"):
+        tcompile.optimize(llama, budget="kv_cache=0.5")
+
+
+def test_kv_pass_on_an_encoder_is_an_error():
+    from tcompile.models.vision import tiny_bert
+    inputs = {"input_ids": torch.randint(0, 128, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    with pytest.raises(tcompile.PassOptionError, match="not a causal LM"):
+        tcompile.optimize(tiny_bert(), passes="kv_snapkv{ratio=0.5}", example_inputs=inputs)

@@ -163,3 +163,21 @@ def test_kv_pass_on_an_encoder_is_skipped_with_a_reason(tmp_path):
     prog = capture(model, {"input_ids": torch.randint(0, 128, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)})
     _, (rec,) = PassManager(verify=False).run(prog, parse_pipeline("kv_h2o{ratio=0.5}"))
     assert rec.status == "skipped" and "causal LMs" in rec.reason
+
+
+def test_pooling_centered_and_forward():
+    from tcompile.passes.kv_ops import pool_scores
+    s = torch.tensor([[[0.0, 5.0, 0.0, 0.0, 0.0, 1.0]]])
+    assert pool_scores(s, 3, "max").tolist() == [[[5.0, 5.0, 5.0, 0.0, 1.0, 1.0]]]
+    assert pool_scores(s, 3, "max", forward=True).tolist() == [[[0.0, 5.0, 5.0, 5.0, 0.0, 1.0]]]
+    torch.testing.assert_close(pool_scores(s, 3, "avg", forward=True),
+                               torch.tensor([[[0.0, 5 / 3, 5 / 3, 5 / 3, 0.0, 1 / 3]]]))
+
+
+def test_snapkv_shared_heads_keep_one_set_per_layer(llama_program, prompts):
+    ids, mask = prompts
+    runtime, _ = runtime_for(llama_program, parse_pipeline("kv_snapkv{tokens=8,window=2,heads=shared,pool=max,"
+                                                           "kernel=3,spread=forward}"))
+    _, cache = runtime._prefill(ids, mask, 8)
+    for layer in range(2):
+        assert torch.equal(cache.pos[layer][:, 0].sort(-1).values, cache.pos[layer][:, 1].sort(-1).values)
