@@ -52,3 +52,42 @@ def drop_trivial_masks(program: Program) -> int:
         propagate_shapes(program)
         log.info("removed %d constant attention mask(s) that masked nothing", changed)
     return changed
+
+
+_REPEAT_KV = ("reshape", "expand", "slice", "unsqueeze")
+
+
+def _unrepeated(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The [B, Hkv, N, d] tensor behind transformers' ``repeat_kv`` (unsqueeze → slice → expand →
+    reshape), or None when ``node`` is not that pattern."""
+    x = node
+    for name in _REPEAT_KV:
+        if not (isinstance(x, torch.fx.Node) and x.op == "call_function" and
+                getattr(x.target, "__name__", "").split(".")[0] == name):
+            return None
+        x = x.args[0]
+    return x if isinstance(x, torch.fx.Node) else None
+
+
+def native_gqa(gm: torch.fx.GraphModule) -> int:
+    """Feed SDPA the un-repeated K/V with ``enable_gqa=True`` instead of transformers' repeated copies.
+
+    transformers repeats K and V to every query head before SDPA whenever an attention mask is
+    given; tcompile's LM steps always give one, so each decode step would copy the whole cache
+    (heads/kv_heads) times per layer. SDPA computes the same grouped attention natively.
+    """
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or "scaled_dot_product_attention" not in str(node.target):
+            continue
+        k, v = _unrepeated(node.args[1]), _unrepeated(node.args[2])
+        if k is None or v is None:
+            continue
+        node.update_arg(1, k)
+        node.update_arg(2, v)
+        node.update_kwarg("enable_gqa", True)
+        changed += 1
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return changed

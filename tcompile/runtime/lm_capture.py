@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from tcompile.analysis.shapes import propagate_shapes
+from tcompile.canonicalize import native_gqa
 from tcompile.errors import CaptureError
 from tcompile.inputs import batch_dim
 from tcompile.program import Program
@@ -161,6 +162,7 @@ def capture_lm(model: torch.nn.Module, name: str | None = None) -> LMProgram:
     prefill = Program(prefill_ep.module(), (ids, mask), {}, name + ".prefill", info={"lm_stage": "prefill"})
     decode = Program(decode_ep.module(), dec_args, {}, name + ".decode", info={"lm_stage": "decode"})
     for program in (prefill, decode):
+        program.info["native_gqa_sites"] = native_gqa(program.gm)
         propagate_shapes(program)
     return LMProgram(prefill, decode, spec, name)
 

@@ -106,3 +106,13 @@ def test_kv_pass_on_an_encoder_is_an_error():
     inputs = {"input_ids": torch.randint(0, 128, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
     with pytest.raises(tcompile.PassOptionError, match="not a causal LM"):
         tcompile.optimize(tiny_bert(), passes="kv_snapkv{ratio=0.5}", example_inputs=inputs)
+
+
+def test_sdpa_gets_unrepeated_kv_with_native_gqa(llama_program):
+    """transformers repeats K/V to every query head when a mask is given; capture undoes that copy."""
+    for program in (llama_program.prefill, llama_program.decode):
+        sdpa = [n for n in program.gm.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
+        assert len(sdpa) == 2 and program.info["native_gqa_sites"] == 2
+        for node in sdpa:
+            assert node.kwargs.get("enable_gqa") is True
+            assert node.args[1].meta["val"].shape[1] == 2          # kv_heads, not the 4 query heads
