@@ -16,7 +16,7 @@ from tcompile.budget import Budget
 from tcompile.errors import PassOptionError
 from tcompile.capture import capture, normalize_inputs
 from tcompile.cost import get_profile, measure_latency, predict_latency
-from tcompile.fidelity import output_cosine
+from tcompile.fidelity import output_cosine, token_mask_of
 from tcompile.lowering import get_backend
 from tcompile.optimized import OptimizedModel, input_specs
 from tcompile.pass_manager import Instrument, PassManager, graph_flops, tokens_per_layer
@@ -39,11 +39,6 @@ def _batches(calibration: Any, example_inputs: Any) -> list[tuple[tuple, dict]]:
     return [normalize_inputs(b) for b in calibration]
 
 
-def _token_mask(kwargs: dict) -> torch.Tensor | None:
-    mask = kwargs.get("attention_mask")
-    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-
-
 def fidelity_on(reference: Callable[..., Any], candidate: Callable[..., Any],
                 batches: Iterable[tuple[tuple, dict]]) -> float:
     """Mean output cosine over calibration batches (padding positions excluded)."""
@@ -51,7 +46,7 @@ def fidelity_on(reference: Callable[..., Any], candidate: Callable[..., Any],
     with torch.no_grad():
         for args, kwargs in batches:
             scores.append(output_cosine(reference(*args, **kwargs), candidate(*args, **kwargs),
-                                        token_mask=_token_mask(kwargs)))
+                                        token_mask=token_mask_of(kwargs)))
     return float(sum(scores) / len(scores))
 
 

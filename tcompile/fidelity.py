@@ -20,6 +20,12 @@ def _masked(t: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     return t * token_mask.reshape(*token_mask.shape, *([1] * (t.dim() - 2))).to(t.dtype)
 
 
+def token_mask_of(kwargs: dict) -> torch.Tensor | None:
+    """The [B, N] attention mask among a model's keyword inputs, if any: it marks padding."""
+    mask = kwargs.get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
 def output_cosine(reference: Any, candidate: Any, token_mask: torch.Tensor | None = None) -> float:
     """Mean over examples of the cosine similarity of all float outputs concatenated per example.
 

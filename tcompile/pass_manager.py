@@ -19,7 +19,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from tcompile.analysis.attention import analyze_attention
 from tcompile.analysis.shapes import propagate_shapes
 from tcompile.errors import PassFailedError, TCompileError, VerificationError
-from tcompile.fidelity import max_abs_error, output_cosine
+from tcompile.fidelity import max_abs_error, output_cosine, token_mask_of
 from tcompile.program import Program
 from tcompile.registry import PassSpec, format_spec, get_pass
 from tcompile.report import PassRecord
@@ -131,7 +131,8 @@ class PassManager:
                     raise VerificationError(f"{_where(text, before)} is declared exact but changed outputs "
                                             f"by {err:.3g} (> {self.exact_tolerance:g})")
             else:
-                record.fidelity = output_cosine(reference, outputs)
+                record.fidelity = output_cosine(reference, outputs,
+                                                token_mask=token_mask_of(candidate.example_kwargs))
             reference = outputs
         log.info("pass %s: %s in %.3fs", text, record.status, seconds)
         return record, candidate, reference

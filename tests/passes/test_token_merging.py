@@ -90,7 +90,11 @@ def test_per_token_outputs_unmerged_for_bert(bert_program, bert_model, bert_inpu
 def test_padding_only_merges_pads_exactly(bert_program, bert_model, bert_inputs):
     """Row 1 has 10 pads; merging 2 tokens after layer 0 takes pads only, so its real tokens
     must equal the unoptimized model's (up to float32 noise)."""
-    out, _ = _run(bert_program, "token_merging{layers=[2],prop_attn=false}")
+    out, (rec,) = _run(bert_program, "token_merging{layers=[2],prop_attn=false}")
+    from tcompile.fidelity import output_cosine
+    kw = bert_program.example_kwargs       # the recorded fidelity leaves padding positions out
+    masked = output_cosine(bert_program.run(), out.run(), token_mask=kw["attention_mask"])
+    assert rec.fidelity == pytest.approx(masked, abs=1e-9) and masked > output_cosine(bert_program.run(), out.run())
     got = out.gm(**bert_inputs).last_hidden_state
     want = bert_model(**bert_inputs).last_hidden_state
     torch.testing.assert_close(got[1, :14], want[1, :14], rtol=1e-4, atol=1e-5)
