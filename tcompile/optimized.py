@@ -7,14 +7,12 @@ with versions, pipeline, budget, input specs and checksums, and the report in th
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tcompile.artifact import read_manifest, write_manifest
+from tcompile.artifact import read_manifest, staged_directory, write_manifest
 from tcompile.errors import ArtifactError, TCompileError
 from tcompile.lowering import get_backend
 from tcompile.report import Report
@@ -63,9 +61,7 @@ class OptimizedModel:
         if path.exists() and any(path.iterdir()) and not (path / "manifest.json").exists():
             raise ArtifactError(f"{path} exists and is not a tcompile artifact; refusing to overwrite it. "
                                 "Choose an empty or new directory")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tcompile-export-", dir=path.parent))
-        try:
+        with staged_directory(path) as staging:
             files = list(self._runner.save(staging))
             for suffix in ("json", "md", "html"):
                 self.report.save(staging / f"report.{suffix}")
@@ -74,12 +70,6 @@ class OptimizedModel:
                 "model": self.model_name, "backend": self.backend, "pipeline": self.pipeline,
                 "budget": self.budget, "target": self.report.target, "inputs": self.input_specs,
                 "requires_torch_match": self.backend == "eager"})
-            if path.exists():
-                shutil.rmtree(path)
-            staging.rename(path)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
         return path
 
     def __repr__(self) -> str:

@@ -59,6 +59,25 @@ class GenerationStats:
         return 1e3 * ordered[len(ordered) // 2]
 
 
+def rank_and_cut(rank: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]], capacity: int | None,
+                 kv: list[torch.Tensor], pos: list[torch.Tensor], state: list[torch.Tensor | None], valid: torch.Tensor
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None], torch.Tensor]:
+    """Rank each layer's entries with ``rank(layer) -> (priority, new state)`` and, when the cache
+    holds more than ``capacity`` entries, keep the top ``capacity`` per KV head. The one eviction
+    mechanism of prefill and decode."""
+    cut = capacity is not None and valid.shape[1] > capacity
+    kv, pos, state, new_valid = list(kv), list(pos), list(state), valid
+    for layer in range(len(pos)):
+        priority, state[layer] = rank(layer)
+        if cut:
+            idx, new_valid = select(priority, valid, capacity)
+            kv[2 * layer], kv[2 * layer + 1] = gather(kv[2 * layer], idx), gather(kv[2 * layer + 1], idx)
+            pos[layer] = gather(pos[layer], idx)
+            if state[layer] is not None:
+                state[layer] = gather(state[layer], idx)
+    return kv, pos, state, new_valid
+
+
 def append_and_evict(policy: KVPolicy | None, capacity: int | None, kv: list[torch.Tensor],
                      scores: list[torch.Tensor], pos: list[torch.Tensor], state: list[torch.Tensor | None],
                      valid: torch.Tensor, seen: torch.Tensor
@@ -72,18 +91,8 @@ def append_and_evict(policy: KVPolicy | None, capacity: int | None, kv: list[tor
     if policy is None:
         return kv, pos, state, valid
     seen = seen + 1
-    cut = capacity is not None and valid.shape[1] > capacity
-    kv, state, new_valid = list(kv), list(state), None
-    for layer in range(len(pos)):
-        priority, state[layer] = policy.decode(scores[layer] if scores else None, pos[layer], seen, state[layer],
-                                               capacity)
-        if cut:
-            idx, new_valid = select(priority, valid, capacity)
-            kv[2 * layer], kv[2 * layer + 1] = gather(kv[2 * layer], idx), gather(kv[2 * layer + 1], idx)
-            pos[layer] = gather(pos[layer], idx)
-            if state[layer] is not None:
-                state[layer] = gather(state[layer], idx)
-    return kv, pos, state, (new_valid if new_valid is not None else valid)
+    return rank_and_cut(lambda layer: policy.decode(scores[layer] if scores else None, pos[layer], seen,
+                                                    state[layer], capacity), capacity, kv, pos, state, valid)
 
 
 class LMRuntime:
@@ -155,25 +164,10 @@ class LMRuntime:
         pos = [pos0[:, None, :].expand(-1, kv[0].shape[1], -1) for _ in range(self.spec.num_layers)]
         cache = CacheState(kv, pos, [None] * self.spec.num_layers, valid, seen)
         if self.policy is not None:
-            cut = capacity is not None and cache.entries > capacity
-            new_valid = None
-            for layer in range(self.spec.num_layers):
-                priority, state = self.policy.prefill(scores[layer] if scores else None, cache.pos[layer], seen,
-                                                      capacity)
-                cache.state[layer] = state
-                if cut:
-                    idx, new_valid = select(priority, valid, capacity)
-                    self._gather_layer(cache, layer, idx)
-            if new_valid is not None:
-                cache.valid = new_valid
+            cache.kv, cache.pos, cache.state, cache.valid = rank_and_cut(
+                lambda layer: self.policy.prefill(scores[layer] if scores else None, cache.pos[layer], seen, capacity),
+                capacity, cache.kv, cache.pos, cache.state, cache.valid)
         return logits, cache
-
-    def _gather_layer(self, cache: CacheState, layer: int, idx: torch.Tensor) -> None:
-        cache.kv[2 * layer] = gather(cache.kv[2 * layer], idx)
-        cache.kv[2 * layer + 1] = gather(cache.kv[2 * layer + 1], idx)
-        cache.pos[layer] = gather(cache.pos[layer], idx)
-        if cache.state[layer] is not None:
-            cache.state[layer] = gather(cache.state[layer], idx)
 
     def _decode(self, token: torch.Tensor, cache: CacheState, capacity: int | None) -> torch.Tensor:
         outs = self.decode_fn(token[:, None], cache.seen[:, None], cache.valid, tuple(cache.kv))
