@@ -4,5 +4,5 @@ if __name__ != "tcompile.passes":
         "'passes' is part of tcompile and must be imported as 'tcompile.passes', not as a top-level package."
     )
 
-from tcompile.passes import kv_eviction, token_merging, token_pruning  # noqa: E402,F401  (register the passes)
+from tcompile.passes import kv_eviction, prompt_pruning, token_merging, token_pruning  # noqa: E402,F401  (register the passes)
 from tcompile.registry import available  # noqa: E402,F401  (tcompile.passes.available())

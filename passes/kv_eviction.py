@@ -112,7 +112,9 @@ class KVPolicy:
 
     ``prefill_rows``: the prompt queries whose attention the prefill graph must expose (None: no
     scores; 0: all rows). ``decode_scores``: whether the decode graph must expose the new query's.
-    ``state`` is a per-layer [B, Hkv, C] tensor the policy carries along with the entries.
+    ``state`` is a per-entry tensor the policy carries along with the entries: [B, Hkv, C] for one
+    layer at prefill, [B, L, Hkv, S] for every layer at once while decoding (policies are
+    elementwise over entries and reduce heads over dim -2, so both shapes work).
     """
 
     prefill_rows: int | None = None
@@ -137,8 +139,13 @@ class KVPolicy:
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
+    def admit(self, state: torch.Tensor | None, written: torch.Tensor) -> torch.Tensor | None:
+        """The state of a decode step's new entry, written over the slots ``written`` [B, Hkv, S]."""
+        return None if state is None else state.masked_fill(written, 0.0)
+
     def decode(self, scores: torch.Tensor | None, pos: torch.Tensor, seen: torch.Tensor, state: torch.Tensor | None,
                capacity: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Priority of every slot after a decode step (the new entry already admitted)."""
         raise NotImplementedError
 
     def _protected(self, priority: torch.Tensor, pos: torch.Tensor, seen: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -169,13 +176,15 @@ class SnapKVPolicy(KVPolicy):
 
     def prefill(self, scores, pos, seen, capacity):
         if self.options.heads == "shared":   # every KV head of the layer keeps the same entries
-            scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
+            scores = scores.mean(dim=-2, keepdim=True).expand_as(scores)
         votes = pool_scores(scores, self.options.kernel, self.options.pool, self.options.spread == "forward")
         return self._protected(votes, pos, seen, capacity), votes
 
-    def decode(self, scores, pos, seen, state, capacity):
+    def admit(self, state, written):
         top = state.amax(dim=-1, keepdim=True) + 1.0   # above every vote, and no ties between new entries
-        state = torch.cat([state, top], dim=-1)
+        return torch.where(written, top, state)
+
+    def decode(self, scores, pos, seen, state, capacity):
         return self._protected(state, pos, seen, capacity), state
 
 
@@ -192,7 +201,7 @@ class H2OPolicy(KVPolicy):
         return self._protected(scores, pos, seen, capacity), scores
 
     def decode(self, scores, pos, seen, state, capacity):
-        state = torch.cat([state, torch.zeros_like(state[..., :1])], dim=-1) + scores
+        state = state + scores
         return self._protected(state, pos, seen, capacity), state
 
 
@@ -204,7 +213,7 @@ class TOVAPolicy(KVPolicy):
     decode_scores = True
 
     def _mean_heads(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores.mean(dim=1, keepdim=True).expand_as(scores)
+        return scores.mean(dim=-2, keepdim=True).expand_as(scores)
 
     def prefill(self, scores, pos, seen, capacity):
         return self._protected(self._mean_heads(scores), pos, seen, capacity), None

@@ -21,7 +21,8 @@ def protect(priority: torch.Tensor, pos: torch.Tensor, seen: torch.Tensor, sinks
     ``seen`` [B] counts real tokens so far; positions count real tokens, so with left padding the
     sinks are the first real tokens (StreamingLLM's requirement), not the pads.
     """
-    keep = (pos >= 0) & ((pos < sinks) | (pos >= seen[:, None, None] - window))
+    seen = seen.view(-1, *([1] * (pos.dim() - 1)))
+    keep = (pos >= 0) & ((pos < sinks) | (pos >= seen - window))
     return priority + keep.to(priority.dtype) * PROTECT
 
 

@@ -44,16 +44,6 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
                             target=args.target, backend=args.backend, passes=args.passes, repeats=args.repeats,
                             name=name, progress=not args.quiet,
                             instruments=[IRDumpInstrument(args.dump_ir)] if args.dump_ir else None)
-    from tcompile.runtime.lm_optimize import OptimizedLM
-    if isinstance(opt, OptimizedLM):  # causal LMs: no loadable artifact yet, so write the report alone
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for suffix in ("json", "md", "html"):
-            opt.report.save(out / f"report.{suffix}")
-        print(opt.report.summary())
-        print(f"\nreport: {out / 'report.html'}  (causal LMs: artifact export is not implemented yet; "
-              "use tcompile.optimize(...).generate in Python)")
-        return 0
     out = opt.export(args.out)
     print(opt.report.summary())
     print(f"\nartifact: {out}  (report: {out / 'report.html'}, {out / 'report.json'})")

@@ -76,10 +76,14 @@ class OptimizedModel:
         return f"OptimizedModel({self.model_name}, backend={self.backend}, pipeline={self.pipeline!r})"
 
 
-def load(path: str | Path) -> OptimizedModel:
-    """Load an artifact written by :meth:`OptimizedModel.export`, verifying versions and checksums."""
+def load(path: str | Path) -> Any:
+    """Load an artifact written by ``export`` (an OptimizedModel, or an OptimizedLM for a causal LM),
+    verifying versions and checksums."""
     path = Path(path)
     manifest = read_manifest(path)
+    if manifest.get("kind") == "causal_lm":
+        from tcompile.runtime.lm_optimize import load_lm
+        return load_lm(path, manifest)
     backend = get_backend(manifest.get("backend", ""))
     try:
         runner = backend.load(path)

@@ -7,9 +7,17 @@ built inside the captured steps from entry validity alone, so entries may be evi
 pattern, and a new token's position is the number of real tokens seen so far, never the cache
 length. transformers' cache object is created inside the traced step and never crosses the graph
 boundary, so both graphs are plain tensor programs that export anywhere (ONNX included).
+
+The decode step writes the new token's K and V into a slot of the cache the runtime chooses (a
+free slot, or the one its KV policy evicted) with a scatter, instead of transformers' concatenation:
+a decode step then touches one entry of the cache, not all of it. The exported graph is
+functional (the scatter returns a new tensor, so it exports to ONNX); ``inplace_cache_writes``
+turns those scatters into in-place writes for the eager runtime, as vLLM and transformers'
+StaticCache write their preallocated caches.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,9 +105,33 @@ class PrefillStep(torch.nn.Module):
         return (out.logits[:, -1], *_flat_cache(out.past_key_values))
 
 
+def _slot_cache(kv: tuple[torch.Tensor, ...], slot: torch.Tensor) -> Any:
+    """A transformers cache whose layer i writes the new entry at ``slot[:, i]`` [B, Hkv] of its buffers."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class SlotLayer(DynamicLayer):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
+            super().__init__()
+            self.keys, self.values, self.index, self.is_initialized = keys, values, index, True
+            self.device, self.dtype = keys.device, keys.dtype
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            index = self.index[:, :, None, None]
+            self.keys = self.keys.scatter(2, index.expand(-1, -1, 1, self.keys.shape[-1]), key_states)
+            self.values = self.values.scatter(2, index.expand(-1, -1, 1, self.values.shape[-1]), value_states)
+            return self.keys, self.values
+
+    cache = DynamicCache()
+    cache.layers = [SlotLayer(kv[2 * i], kv[2 * i + 1], slot[:, i]) for i in range(len(kv) // 2)]
+    return cache
+
+
 class DecodeStep(torch.nn.Module):
-    """(input_ids [B, 1], position_ids [B, 1], cache_valid [B, C] bool, (K0, V0, ...) [B, Hkv, C, d])
-    → (logits [B, V], K0', V0', ...) with the new token's entry appended at slot C."""
+    """(input_ids [B, 1], position_ids [B, 1], cache_valid [B, S] bool (the written slot included),
+    slot [B, L, Hkv] long, (K0, V0, ...) [B, Hkv, S, d]) → (logits [B, V], K0', V0', ...) with the new
+    token's entry written at ``slot`` of each KV head."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
@@ -107,14 +139,36 @@ class DecodeStep(torch.nn.Module):
         self.cache_kwarg = _cache_kwarg(model)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_valid: torch.Tensor,
-                kv: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        from transformers import DynamicCache
-        valid = torch.cat([cache_valid, torch.ones_like(cache_valid[:, :1])], dim=1)
-        mask = _additive(valid, self.dtype)[:, None, None]
-        cache = DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)])
+                slot: torch.Tensor, kv: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        mask = _additive(cache_valid, self.dtype)[:, None, None]
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                         **{self.cache_kwarg: cache})
+                         **{self.cache_kwarg: _slot_cache(kv, slot)})
         return (out.logits[:, -1], *_flat_cache(out.past_key_values))
+
+
+def _reads_only_shape(node: torch.fx.Node) -> bool:
+    """A use of a tensor that keeps no alias of its data: a size query, or export's input guards."""
+    return node.target is torch.ops.aten.sym_size.int or (node.op == "call_module" and "guards" in str(node.target))
+
+
+def inplace_cache_writes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of a decode graph (sharing its parameters) whose cache scatters write in place.
+
+    The exported decode step is functional: each layer's ``scatter`` of the new entry returns a
+    new cache tensor, a copy of the whole cache per layer and step. Where the scatter's input is a
+    graph input read by nothing else, writing in place is safe, and the step's cache outputs
+    become its (updated) inputs. The functional graph stays as it is for export.
+    """
+    graph = copy.deepcopy(gm.graph)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        buf = node.args[0] if node.target is torch.ops.aten.scatter.src else None
+        if buf is not None and buf.op == "placeholder" and all(_reads_only_shape(u) and order[u] < order[node]
+                                                               for u in buf.users if u is not node):
+            node.target = torch.ops.aten.scatter_.src
+    out = torch.fx.GraphModule(gm, graph)
+    out.meta.update(gm.meta)
+    return out
 
 
 def lm_spec(model: torch.nn.Module) -> LMSpec:
@@ -144,18 +198,17 @@ def capture_lm(model: torch.nn.Module, name: str | None = None) -> LMProgram:
     ids = torch.randint(0, spec.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # a left-padded row, so padding is part of the traced behaviour
-    batch, tokens, cache = batch_dim(), torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
-            prefill_ep = _export(PrefillStep(model, spec.dtype), (ids, mask),
-                                 ({0: batch, 1: tokens}, {0: batch, 1: tokens}))
+            prefill_ep = _export(PrefillStep(model, spec.dtype), (ids, mask), prefill_dynamic_shapes())
             outs = prefill_ep.module()(ids, mask)
-            kv = tuple(outs[1:])
-            dec_args = (ids[:, -1:], mask.sum(1, keepdim=True), mask.bool(), kv)
-            decode_ep = _export(DecodeStep(model, spec.dtype), dec_args,
-                                ({0: batch}, {0: batch}, {0: batch, 1: cache}, tuple({0: batch, 2: cache} for _ in kv)))
+            kv = tuple(torch.cat([t, torch.zeros_like(t[:, :, :1])], dim=2) for t in outs[1:])  # one free slot
+            slot = torch.full((ids.shape[0], spec.num_layers, spec.kv_heads), ids.shape[1], dtype=torch.long)
+            valid = torch.cat([mask.bool(), torch.ones_like(mask[:, :1], dtype=torch.bool)], dim=1)
+            dec_args = (ids[:, -1:], mask.sum(1, keepdim=True), valid, slot, kv)
+            decode_ep = _export(DecodeStep(model, spec.dtype), dec_args, decode_dynamic_shapes(len(kv)))
     finally:
         model.train(was_training)
     name = name or type(model).__name__
@@ -165,6 +218,18 @@ def capture_lm(model: torch.nn.Module, name: str | None = None) -> LMProgram:
         program.info["native_gqa_sites"] = native_gqa(program.gm)
         propagate_shapes(program)
     return LMProgram(prefill, decode, spec, name)
+
+
+def prefill_dynamic_shapes() -> tuple:
+    """Dynamic dims of the prefill step's (input_ids, attention_mask): batch and prompt length."""
+    batch, tokens = batch_dim(), torch.export.Dim.DYNAMIC
+    return ({0: batch, 1: tokens}, {0: batch, 1: tokens})
+
+
+def decode_dynamic_shapes(n_kv: int) -> tuple:
+    """Dynamic dims of the decode step's (ids, positions, valid, slot, kv): batch and cache slots."""
+    batch, slots = batch_dim(), torch.export.Dim.DYNAMIC
+    return ({0: batch}, {0: batch}, {0: batch, 1: slots}, {0: batch}, tuple({0: batch, 2: slots} for _ in range(n_kv)))
 
 
 def _export(module: torch.nn.Module, args: tuple, dynamic_shapes: Any) -> Any:

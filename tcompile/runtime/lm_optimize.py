@@ -8,21 +8,22 @@ calibration text is kept (fidelity: mean cosine of next-token logits, and top-1 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from tcompile.artifact import versions
+from tcompile.artifact import staged_directory, versions, write_manifest
 from tcompile.budget import Budget
-from tcompile.errors import BackendUnavailableError, PassOptionError, TCompileError
+from tcompile.errors import ArtifactError, BackendUnavailableError, PassOptionError, TCompileError
 from tcompile.pass_manager import PassManager
 from tcompile.passes.kv_eviction import POLICIES, is_kv_pass, make_policy
 from tcompile.registry import PassSpec, as_specs, format_pipeline
 from tcompile.report import Report
 from tcompile.report.report import CandidateRecord
-from tcompile.runtime.generate import LMRuntime
-from tcompile.runtime.lm_capture import LMProgram, capture_lm
+from tcompile.runtime.generate import LMRuntime, PromptFilter
+from tcompile.runtime.lm_capture import LMProgram, capture_lm, inplace_cache_writes
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,14 @@ PLAN_CANDIDATES: list[tuple[str, dict]] = [
 
 
 class OptimizedLM:
-    """A causal LM captured as prefill/decode graphs with its KV policy: ``generate`` and a report."""
+    """A causal LM captured as prefill/decode graphs with its KV policy: ``generate``, a report, export."""
 
-    def __init__(self, program: LMProgram, runtime: LMRuntime, report: Report, pipeline: str,
-                 budget: dict | None) -> None:
-        self.program, self.runtime, self.report = program, runtime, report
+    def __init__(self, runtime: LMRuntime, report: Report, pipeline: str, budget: dict | None, model_name: str,
+                 example_args: tuple[tuple, tuple] | None = None) -> None:
+        """``example_args``: (prefill args, decode args) to re-export the graphs; None for a loaded artifact."""
+        self.runtime, self.report = runtime, report
         self.pipeline, self.budget, self.backend = pipeline, budget, "eager"
-        self.model_name = program.model_name
+        self.model_name, self._example_args = model_name, example_args
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         """As transformers' ``generate``: prompt ids (left padded) → prompt + new ids."""
@@ -58,23 +60,55 @@ class OptimizedLM:
         with torch.no_grad():
             return self.runtime.prefill_fn(ids, mask)[0]
 
-    def export(self, path: Any) -> Any:
-        raise TCompileError("exporting a causal LM artifact (prefill + decode graphs) is not implemented yet; "
-                            "use opt.generate in this process")
+    def export(self, path: str | Path) -> Path:
+        """Write an artifact that ``tcompile.load`` turns back into an OptimizedLM (no model needed)."""
+        from tcompile.runtime.lm_artifact import KIND, save_lm
+        if self._example_args is None:
+            raise TCompileError(f"{self.model_name} was loaded from an artifact; copy that directory instead "
+                                "of exporting it again")
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not (path / "manifest.json").exists():
+            raise ArtifactError(f"{path} exists and is not a tcompile artifact; refusing to overwrite it. "
+                                "Choose an empty or new directory")
+        with staged_directory(path) as staging:
+            files = save_lm(self.runtime, *self._example_args, self.pipeline, staging)
+            for suffix in ("json", "md", "html"):
+                self.report.save(staging / f"report.{suffix}")
+                files.append(f"report.{suffix}")
+            write_manifest(staging, files, {"kind": KIND, "model": self.model_name, "backend": self.backend,
+                                            "pipeline": self.pipeline, "budget": self.budget,
+                                            "target": self.report.target, "requires_torch_match": True})
+        return path
 
     def __repr__(self) -> str:
         return f"OptimizedLM({self.model_name}, pipeline={self.pipeline!r})"
 
 
+def load_lm(path: Path, manifest: dict) -> OptimizedLM:
+    """The OptimizedLM of an artifact directory whose manifest says kind=causal_lm (checked already)."""
+    from tcompile.runtime.lm_artifact import load_lm_runtime
+    try:
+        runtime, pipeline = load_lm_runtime(path)
+    except TCompileError:
+        raise
+    except Exception as exc:
+        raise ArtifactError(f"could not load the causal-LM programs in {path}: {type(exc).__name__}: {exc}. "
+                            "Re-export the artifact with this version of tcompile") from exc
+    report = Report.load(path) if (path / "report.json").exists() else Report(manifest.get("model", "model"), pipeline)
+    return OptimizedLM(runtime, report, pipeline, manifest.get("budget"), manifest.get("model", "model"))
+
+
 def runtime_for(program: LMProgram, specs: list[PassSpec]) -> tuple[LMRuntime, list]:
-    """Apply ``specs`` to both graphs and build the runtime with the KV policy they name."""
+    """Apply ``specs`` to both graphs and build the runtime with the KV policy and prompt filter they name."""
     kv = [s for s in specs if is_kv_pass(s.name)]
-    other = [s.name for s in specs if not is_kv_pass(s.name)]
+    prune = [s for s in specs if s.name == "prompt_pruning"]
+    other = [s.name for s in specs if not is_kv_pass(s.name) and s.name != "prompt_pruning"]
     if other:
         raise PassOptionError(f"pass(es) {other} do not apply to causal LMs; use a KV-cache pass "
-                              f"({', '.join(sorted(POLICIES))})")
-    if len(kv) > 1:
-        raise PassOptionError(f"one KV-cache pass at a time, got {[s.name for s in kv]}")
+                              f"({', '.join(sorted(POLICIES))}) and/or prompt_pruning")
+    for group, what in ((kv, "KV-cache pass"), (prune, "prompt_pruning pass")):
+        if len(group) > 1:
+            raise PassOptionError(f"one {what} at a time, got {[format_pipeline([s]) for s in group]}")
     info = {"kv_heads": program.spec.kv_heads}
     program.prefill.info.update(info)
     program.decode.info.update(info)
@@ -82,7 +116,17 @@ def runtime_for(program: LMProgram, specs: list[PassSpec]) -> tuple[LMRuntime, l
     prefill, rec_p = manager.run(program.prefill, specs)
     decode, rec_d = manager.run(program.decode, specs)
     policy = make_policy(kv[0].name, kv[0].options) if kv else None
-    return LMRuntime(prefill.gm, decode.gm, program.spec, policy), rec_p + rec_d
+    runtime = LMRuntime(prefill.gm, inplace_cache_writes(decode.gm), program.spec, policy, decode_graph=decode.gm,
+                        prompt_filter=prompt_filter(prefill.info.get("prompt_filter"), prune))
+    return runtime, rec_p + rec_d
+
+
+def prompt_filter(fn: Any, specs: list[PassSpec]) -> PromptFilter | None:
+    """The runtime's GemFilter stage from the filter graph and the prompt_pruning options."""
+    if fn is None or not specs:
+        return None
+    o = specs[0].options
+    return PromptFilter(fn, o.keep, o.kernel, o.tail)
 
 
 def logit_fidelity(reference: LMRuntime, candidate: LMRuntime, calibration: list[torch.Tensor],
@@ -116,7 +160,8 @@ def optimize_lm(model: torch.nn.Module, budget: Any = None, passes: Any = None, 
     report = Report(program.model_name, pipeline, target="cpu", backend=backend,
                     budget=budget_obj.to_dict() if budget_obj else None, passes=records, candidates=candidates,
                     versions=versions(), notes=notes)
-    return OptimizedLM(program, runtime, report, pipeline, budget_obj.to_dict() if budget_obj else None)
+    return OptimizedLM(runtime, report, pipeline, budget_obj.to_dict() if budget_obj else None, program.model_name,
+                       (program.prefill.example_args, program.decode.example_args))
 
 
 def _plan(program: LMProgram, budget: Budget | None, calibration: Any, notes: list[str]

@@ -28,12 +28,16 @@ def test_greedy_equals_transformers_batch_1_and_3(which, request, prompts):
 
 
 def test_cache_grows_by_one_entry_per_step_without_a_policy(llama_program, prompts):
+    from tcompile.runtime.generate import GROW_SLOTS
     runtime, _ = runtime_for(llama_program, [])
     ids, mask = prompts
     runtime.generate(ids, mask, max_new_tokens=5)
     stats = runtime.last_stats
     assert stats.cache_entries_after_prefill == 16 and stats.peak_cache_entries == 16 + 4
-    assert stats.peak_cache_bytes == llama_program.spec.cache_bytes(3, 20) == stats.full_cache_bytes
+    assert stats.full_cache_bytes == llama_program.spec.cache_bytes(3, 20)
+    assert stats.peak_cache_bytes == llama_program.spec.cache_bytes(3, 16 + GROW_SLOTS)   # slots allocated at once
+    runtime.generate(ids, mask, max_new_tokens=GROW_SLOTS + 3)                      # grows a second time
+    assert runtime.last_stats.peak_cache_bytes == llama_program.spec.cache_bytes(3, 16 + 2 * GROW_SLOTS)
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(llama_program, prompts):
@@ -116,3 +120,19 @@ def test_sdpa_gets_unrepeated_kv_with_native_gqa(llama_program):
         for node in sdpa:
             assert node.kwargs.get("enable_gqa") is True
             assert node.args[1].meta["val"].shape[1] == 2          # kv_heads, not the 4 query heads
+
+
+def test_decode_writes_the_cache_in_place_and_the_export_graph_stays_functional(llama_program, prompts):
+    """A decode step must not copy the cache (the cost that made eviction slower than a full cache)."""
+    runtime, _ = runtime_for(llama_program, [])
+    ids, mask = prompts
+    with torch.no_grad():
+        logits, cache = runtime._prefill(ids, mask, None)
+        buffers = [t.data_ptr() for t in cache.kv]
+        before = [t.clone() for t in cache.kv]
+        runtime._decode(logits.argmax(-1), cache, None)
+    assert [t.data_ptr() for t in cache.kv] == buffers
+    written = cache.slot[:, 0, 0] - 1                        # the step wrote at the slot before the next one
+    assert not torch.equal(cache.kv[0][torch.arange(3), :, written], before[0][torch.arange(3), :, written])
+    targets = {str(n.target) for n in runtime.decode_graph.graph.nodes}
+    assert "aten.scatter.src" in targets and "aten.scatter_.src" not in targets

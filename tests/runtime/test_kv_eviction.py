@@ -63,8 +63,8 @@ def test_cache_stays_at_capacity_while_decoding(llama_program, prompts, pipeline
     runtime.generate(ids, mask, max_new_tokens=10)
     s = runtime.last_stats
     assert s.capacity == 8 and s.cache_entries_after_prefill == 8 and s.peak_cache_entries == 8
-    assert s.peak_cache_bytes == llama_program.spec.cache_bytes(3, 8)
-    assert s.peak_cache_bytes / s.full_cache_bytes == pytest.approx(8 / 25)
+    assert s.peak_cache_bytes == llama_program.spec.cache_bytes(3, 9)     # + the slot the next entry takes
+    assert s.peak_cache_bytes / s.full_cache_bytes == pytest.approx(9 / 25)
 
 
 @pytest.mark.parametrize("pipeline", POLICIES)
@@ -91,7 +91,7 @@ def test_streaming_keeps_sinks_and_recent_and_matches_masked_attention(llama, ll
     runtime, _ = runtime_for(llama_program, parse_pipeline("kv_streaming{tokens=8,sinks=2,decode=grow}"))
     logits, cache = runtime._prefill(ids, mask, 8)
     for b, real in enumerate(mask.sum(1).tolist()):
-        kept = sorted(cache.pos[0][b, 0].tolist())
+        kept = sorted(p for p in cache.pos[b, 0, 0].tolist() if p >= 0)
         assert kept == [0, 1] + list(range(real - 6, real))
     token = logits.argmax(-1)
     ours = runtime._decode(token, cache, 8)
@@ -119,7 +119,7 @@ def test_snapkv_always_keeps_its_observation_window(llama_program, prompts):
     for layer in range(2):
         for b, real in enumerate(mask.sum(1).tolist()):
             for h in range(2):
-                assert set(range(real - 3, real)) <= set(cache.pos[layer][b, h].tolist())
+                assert set(range(real - 3, real)) <= set(cache.pos[b, layer, h].tolist())
 
 
 def test_h2o_accumulates_one_unit_of_attention_per_query(llama_program):
@@ -127,11 +127,11 @@ def test_h2o_accumulates_one_unit_of_attention_per_query(llama_program):
     runtime, _ = runtime_for(llama_program, parse_pipeline("kv_h2o{tokens=12,decode=grow}"))
     runtime.generate(ids, max_new_tokens=1)
     _, cache = runtime._prefill(ids, torch.ones_like(ids), 12)
-    torch.testing.assert_close(cache.state[0].sum(-1), torch.full((1, 2), 12.0))   # 12 prompt queries
+    torch.testing.assert_close(cache.state[:, 0].sum(-1), torch.full((1, 2), 12.0))   # 12 prompt queries
     runtime2, _ = runtime_for(llama_program, parse_pipeline("kv_h2o{tokens=12}"))
     _, cache2 = runtime2._prefill(ids, torch.ones_like(ids), 12)
     runtime2._decode(torch.tensor([3]), cache2, 13)
-    torch.testing.assert_close(cache2.state[1].sum(-1), torch.full((1, 2), 13.0))
+    torch.testing.assert_close(cache2.state[:, 1].sum(-1), torch.full((1, 2), 13.0))
 
 
 def test_kv_budget_errors():
@@ -180,4 +180,4 @@ def test_snapkv_shared_heads_keep_one_set_per_layer(llama_program, prompts):
                                                            "kernel=3,spread=forward}"))
     _, cache = runtime._prefill(ids, mask, 8)
     for layer in range(2):
-        assert torch.equal(cache.pos[layer][:, 0].sort(-1).values, cache.pos[layer][:, 1].sort(-1).values)
+        assert torch.equal(cache.pos[:, layer, 0].sort(-1).values, cache.pos[:, layer, 1].sort(-1).values)
