@@ -1,7 +1,7 @@
-"""SmolLM2 KV-cache eviction: needle in a haystack, perplexity, decode speed and cache bytes.
+"""SmolLM2 KV-cache eviction: needle in a haystack and perplexity (decode speed: bench/kv_speed.py).
 
 Usage: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/kv_needle.py [--contexts 1024 2048]
-           [--ratios 0.5 0.25] [--speed 2048 4096] [--ppl] [--out kv_needle]
+           [--ratios 0.5 0.25] [--ppl] [--out kv_needle]
 (PASSIVE: OpenMP threads that spin while waiting make a loaded 2-core machine 5x slower.)
 The prompts are bench/needle.py's (shared with bench/kvpress_peer.py, which measures kvpress on
 the same ids). The whole prompt, question included, is prefilled, then evicted to the budget
@@ -28,8 +28,10 @@ PASSES = ["kv_streaming{ratio=R,sinks=4}", "kv_snapkv{ratio=R}", "kv_snapkv{rati
           "kv_h2o{ratio=R}", "kv_tova{ratio=R}"]
 
 
-def _runtimes(program, ratios, passes):
+def _runtimes(program, ratios, passes, extra):
     out = {"full": runtime_for(program, [])[0]}
+    for text in extra:                         # pipelines taken as they are, e.g. prompt_pruning{keep=512}
+        out[text] = runtime_for(program, parse_pipeline(text))[0]
     for ratio in ratios:
         for p in passes:
             text = p.replace("ratio=R", f"ratio={ratio}")
@@ -69,33 +71,13 @@ def perplexity(runtimes, tok, checkpoint, prompt_tokens=1024, scored=1024):
     return rows
 
 
-def speed(runtimes, tok, contexts, names, checkpoint, new_tokens=32):
-    rows = {}
-    for ctx in contexts:
-        ids = torch.tensor([needle_prompt_ids(tok, ctx, 0.5, 123456)])
-        for name in names:
-            rt = runtimes[name]
-            rt.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
-            s = rt.last_stats
-            rows.setdefault(name, {})[str(ctx)] = {
-                "prompt_tokens": int(ids.shape[1]), "ms_per_token": s.ms_per_token(), "prefill_s": s.prefill_s,
-                "cache_bytes_after_prefill": rt.spec.cache_bytes(1, s.cache_entries_after_prefill),
-                "peak_cache_bytes": s.peak_cache_bytes, "full_cache_bytes": s.full_cache_bytes,
-                "cache_fraction": s.peak_cache_bytes / s.full_cache_bytes}
-            print(f"speed ctx {ctx} {name}: {s.ms_per_token():.1f} ms/token, cache "
-                  f"{s.peak_cache_bytes / 2**20:.1f} MiB ({s.peak_cache_bytes / s.full_cache_bytes:.3f} of full)",
-                  flush=True)
-            checkpoint("speed", rows)
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="*", default=[1024, 2048])
     ap.add_argument("--ratios", type=float, nargs="*", default=[0.5, 0.25])
     ap.add_argument("--passes", nargs="*", default=PASSES)
+    ap.add_argument("--extra", nargs="*", default=[], help="more pipelines, as written (no ratio substitution)")
     ap.add_argument("--ppl", action="store_true")
-    ap.add_argument("--speed", type=int, nargs="*", default=[])
     ap.add_argument("--out", default="kv_needle")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -103,7 +85,7 @@ def main() -> None:
     started = time.perf_counter()
     program = capture_lm(model, "SmolLM2-135M-Instruct")
     print(f"captured in {time.perf_counter() - started:.1f}s", flush=True)
-    runtimes = _runtimes(program, args.ratios, args.passes)
+    runtimes = _runtimes(program, args.ratios, args.passes, args.extra)
     result = {"model": "SmolLM2-135M-Instruct (fp32)", "new_tokens": 24, "needle_cases": NEEDLE_CASES,
               "passes": list(runtimes)}
 
@@ -113,9 +95,6 @@ def main() -> None:
 
     if args.contexts:
         needle(runtimes, tok, args.contexts, checkpoint)
-    if args.speed:
-        names = ["full"] + [n for n in runtimes if "ratio=0.25" in n and ("snapkv" in n or "streaming" in n)]
-        speed(runtimes, tok, args.speed, names, checkpoint)
     if args.ppl:
         perplexity(runtimes, tok, checkpoint)
     print(f"written {save(args.out, result)}")

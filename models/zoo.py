@@ -21,6 +21,7 @@ class ZooModel:
     example_inputs: Any
     calibration: list[Any] = field(default_factory=list)
     description: str = ""
+    tokenizer: Any = None
 
 
 def _minilm(batch: int) -> ZooModel:
@@ -69,12 +70,15 @@ def _tiny_bert(batch: int) -> ZooModel:
 def _smollm2(batch: int) -> ZooModel:
     from tcompile.models.data import pydoc_sentences
     from tcompile.models.lm import load_smollm2, load_smollm2_tokenizer
+    from tcompile.models.needle import needle_prompt_ids
     model, tok = load_smollm2(), load_smollm2_tokenizer()
     text = " ".join(pydoc_sentences(400))
     ids = torch.tensor(tok.encode(text, add_special_tokens=False))
     calibration = [ids[i:i + 512].unsqueeze(0) for i in range(0, 2048, 512)]
-    return ZooModel("smollm2", model, {"input_ids": calibration[0][:, :64].repeat(batch, 1)}, calibration,
-                    "SmolLM2-135M-Instruct (real weights, from the offline GGUF package), causal LM")
+    prompt = torch.tensor([needle_prompt_ids(tok, 1024, 0.5, 73914)])   # a ~1k-token needle question
+    return ZooModel("smollm2", model, {"input_ids": prompt}, calibration,
+                    "SmolLM2-135M-Instruct (real weights, from the offline GGUF package), causal LM; example: "
+                    "a needle-in-a-haystack question over ~1k tokens of pydoc", tokenizer=tok)
 
 
 def _tiny_llama(batch: int) -> ZooModel:

@@ -237,7 +237,7 @@ def _rewrite(name: str, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResul
                           "step (optimize a causal LM, e.g. LlamaForCausalLM, to use it)")
     policy = make_policy(name, ctx.options)
     rows = policy.prefill_rows if stage == "prefill" else (1 if policy.decode_scores else None)
-    ctx.stats.update(stage=stage, scores_rows=rows)
+    ctx.stats.update(stage=stage, scores_rows=rows, runtime=f"{type(policy).__name__} evicts in the generation runtime")
     if rows is None:
         return PassResult(gm, False)
     ctx.stats["score_outputs"] = expose_attention_scores(gm, rows, ctx.program.info["kv_heads"])

@@ -16,22 +16,24 @@ from typing import Any
 from tcompile.errors import ModelNotFoundError, TCompileError
 
 
-def _load_model(spec: str, batch: int) -> tuple[Any, Any, Any, str]:
+def _load_model(spec: str, batch: int) -> tuple[Any, Any, Any, str, Any]:
+    """(model, example inputs, calibration, name, tokenizer or None)."""
     from tcompile.models import load, names
     if spec in names():
         zm = load(spec, batch=batch)
-        return zm.model, zm.example_inputs, zm.calibration or None, zm.name
+        return zm.model, zm.example_inputs, zm.calibration or None, zm.name, zm.tokenizer
     if Path(spec).is_dir():
         from transformers import AutoModel
         model = AutoModel.from_pretrained(spec, local_files_only=True).eval()
-        return model, None, None, Path(spec).name
+        return model, None, None, Path(spec).name, None
     if ":" in spec:
         mod, _, attr = spec.partition(":")
         obj = getattr(importlib.import_module(mod), attr)
         obj = obj() if callable(obj) else obj
         if hasattr(obj, "model"):
-            return obj.model, getattr(obj, "example_inputs", None), getattr(obj, "calibration", None) or None, attr
-        return obj, None, None, attr
+            return (obj.model, getattr(obj, "example_inputs", None), getattr(obj, "calibration", None) or None, attr,
+                    getattr(obj, "tokenizer", None))
+        return obj, None, None, attr, None
     raise ModelNotFoundError(f"cannot find model {spec!r}: not a zoo name ({', '.join(names())}), "
                              "not a directory, and not module:factory")
 
@@ -39,15 +41,32 @@ def _load_model(spec: str, batch: int) -> tuple[Any, Any, Any, str]:
 def _cmd_optimize(args: argparse.Namespace) -> int:
     import tcompile
     from tcompile.pass_manager import IRDumpInstrument
-    model, example, calibration, name = _load_model(args.model, args.batch)
+    model, example, calibration, name, tokenizer = _load_model(args.model, args.batch)
     opt = tcompile.optimize(model, budget=args.budget, example_inputs=example, calibration=calibration,
                             target=args.target, backend=args.backend, passes=args.passes, repeats=args.repeats,
                             name=name, progress=not args.quiet,
                             instruments=[IRDumpInstrument(args.dump_ir)] if args.dump_ir else None)
     out = opt.export(args.out)
     print(opt.report.summary())
+    if hasattr(opt, "generate") and isinstance(example, dict) and "input_ids" in example and tokenizer is not None:
+        _show_generation(opt, example["input_ids"][:1], tokenizer)
     print(f"\nartifact: {out}  (report: {out / 'report.html'}, {out / 'report.json'})")
     return 0
+
+
+def _show_generation(opt: Any, ids: Any, tokenizer: Any) -> None:
+    """For a causal LM: answer the zoo's example prompt with the optimized cache, and show its size."""
+    from tcompile.runtime.lm_optimize import OptimizedLM
+    if not isinstance(opt, OptimizedLM):
+        return
+    out = opt.generate(ids, max_new_tokens=24)
+    s = opt.last_stats
+    question = tokenizer.decode(ids[0, -40:], skip_special_tokens=True).strip().splitlines()[-1]
+    print(f"\nexample prompt ({s.prompt_tokens} tokens) ends: ...{question!r}")
+    print(f"answer: {tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()!r}")
+    print(f"KV cache while decoding: {s.peak_cache_bytes / 2**20:.1f} MiB "
+          f"({s.peak_cache_bytes / s.full_cache_bytes:.3f} of the full cache's "
+          f"{s.full_cache_bytes / 2**20:.1f} MiB), {s.ms_per_token():.0f} ms/token")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

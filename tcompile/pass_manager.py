@@ -117,8 +117,9 @@ class PassManager:
             except Exception as exc:
                 raise PassFailedError(_where(text, before) + f" produced an invalid graph: {exc}") from exc
         seconds = time.perf_counter() - started
-        record = PassRecord(spec.name, text, "applied" if result.modified else "skipped",
-                            reason=None if result.modified else "the pass found nothing to change",
+        applied = result.modified or bool(ctx.stats.get("runtime"))   # e.g. a KV policy the runtime applies
+        record = PassRecord(spec.name, text, "applied" if applied else "skipped",
+                            reason=None if applied else "the pass found nothing to change",
                             exact=info.exact, seconds=seconds, stats=dict(ctx.stats),
                             tokens_before=tokens_before, tokens_after=tokens_per_layer(candidate),
                             flops_before=flops_before, flops_after=graph_flops(candidate))

@@ -39,10 +39,10 @@ class OptimizedLM:
     """A causal LM captured as prefill/decode graphs with its KV policy: ``generate``, a report, export."""
 
     def __init__(self, runtime: LMRuntime, report: Report, pipeline: str, budget: dict | None, model_name: str,
-                 example_args: tuple[tuple, tuple] | None = None) -> None:
+                 example_args: tuple[tuple, tuple] | None = None, backend: str = "eager") -> None:
         """``example_args``: (prefill args, decode args) to re-export the graphs; None for a loaded artifact."""
         self.runtime, self.report = runtime, report
-        self.pipeline, self.budget, self.backend = pipeline, budget, "eager"
+        self.pipeline, self.budget, self.backend = pipeline, budget, backend
         self.model_name, self._example_args = model_name, example_args
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
@@ -95,17 +95,41 @@ def load_lm(path: Path, manifest: dict) -> OptimizedLM:
         raise ArtifactError(f"could not load the causal-LM programs in {path}: {type(exc).__name__}: {exc}. "
                             "Re-export the artifact with this version of tcompile") from exc
     report = Report.load(path) if (path / "report.json").exists() else Report(manifest.get("model", "model"), pipeline)
-    return OptimizedLM(runtime, report, pipeline, manifest.get("budget"), manifest.get("model", "model"))
+    backend = manifest.get("backend", "eager")
+    lower_lm(runtime, backend)
+    return OptimizedLM(runtime, report, pipeline, manifest.get("budget"), manifest.get("model", "model"), backend=backend)
+
+
+LM_BACKENDS = ("eager", "inductor")
+
+
+def check_lm_backend(backend: str) -> None:
+    if backend not in LM_BACKENDS:
+        raise BackendUnavailableError(f"backend {backend!r} is not available for causal LMs; choose one of "
+                                      f"{LM_BACKENDS} (the generation runtime drives the prefill/decode graphs)")
+
+
+def lower_lm(runtime: LMRuntime, backend: str) -> None:
+    """Lower the runtime's decode step to ``backend`` in place.
+
+    ``inductor`` compiles the (in-place) decode step with ``torch.compile(dynamic=True)``: one
+    compilation, on the first decode step, serves every cache size and batch; the ~2,000 small
+    ops of a step fuse into a few kernels. The prefill runs once per prompt and stays eager.
+    """
+    check_lm_backend(backend)
+    if backend == "inductor":
+        runtime.decode_fn = torch.compile(runtime.decode_fn, dynamic=True)
 
 
 def runtime_for(program: LMProgram, specs: list[PassSpec]) -> tuple[LMRuntime, list]:
     """Apply ``specs`` to both graphs and build the runtime with the KV policy and prompt filter they name."""
     kv = [s for s in specs if is_kv_pass(s.name)]
     prune = [s for s in specs if s.name == "prompt_pruning"]
-    other = [s.name for s in specs if not is_kv_pass(s.name) and s.name != "prompt_pruning"]
+    other = [s.name for s in specs
+             if not is_kv_pass(s.name) and s.name not in ("prompt_pruning", "sparse_attention")]
     if other:
         raise PassOptionError(f"pass(es) {other} do not apply to causal LMs; use a KV-cache pass "
-                              f"({', '.join(sorted(POLICIES))}) and/or prompt_pruning")
+                              f"({', '.join(sorted(POLICIES))}), prompt_pruning and/or sparse_attention")
     for group, what in ((kv, "KV-cache pass"), (prune, "prompt_pruning pass")):
         if len(group) > 1:
             raise PassOptionError(f"one {what} at a time, got {[format_pipeline([s]) for s in group]}")
@@ -145,9 +169,7 @@ def logit_fidelity(reference: LMRuntime, candidate: LMRuntime, calibration: list
 
 def optimize_lm(model: torch.nn.Module, budget: Any = None, passes: Any = None, backend: str = "eager",
                 calibration: Any = None, name: str | None = None) -> OptimizedLM:
-    if backend != "eager":
-        raise BackendUnavailableError(f"backend {backend!r} is not available for causal LMs yet; the generation "
-                                      "runtime runs the eager prefill/decode graphs (backend='eager')")
+    check_lm_backend(backend)            # fail before the capture work
     budget_obj = Budget.parse(budget)
     specs = as_specs(passes)
     program = capture_lm(model, name)
@@ -156,12 +178,13 @@ def optimize_lm(model: torch.nn.Module, budget: Any = None, passes: Any = None, 
     if specs is None:
         specs, candidates = _plan(program, budget_obj, calibration, notes)
     runtime, records = runtime_for(program, specs)
+    lower_lm(runtime, backend)
     pipeline = format_pipeline(specs)
     report = Report(program.model_name, pipeline, target="cpu", backend=backend,
                     budget=budget_obj.to_dict() if budget_obj else None, passes=records, candidates=candidates,
                     versions=versions(), notes=notes)
     return OptimizedLM(runtime, report, pipeline, budget_obj.to_dict() if budget_obj else None, program.model_name,
-                       (program.prefill.example_args, program.decode.example_args))
+                       (program.prefill.example_args, program.decode.example_args), backend=backend)
 
 
 def _plan(program: LMProgram, budget: Budget | None, calibration: Any, notes: list[str]

@@ -136,3 +136,14 @@ def test_decode_writes_the_cache_in_place_and_the_export_graph_stays_functional(
     assert not torch.equal(cache.kv[0][torch.arange(3), :, written], before[0][torch.arange(3), :, written])
     targets = {str(n.target) for n in runtime.decode_graph.graph.nodes}
     assert "aten.scatter.src" in targets and "aten.scatter_.src" not in targets
+
+
+def test_inductor_backend_decodes_the_same_tokens(llama, prompts):
+    """backend='inductor' compiles the decode step (dynamic shapes): greedy tokens stay identical."""
+    ids, mask = prompts
+    eager = tcompile.optimize(llama, passes="kv_tova{tokens=8}")
+    compiled = tcompile.optimize(llama, passes="kv_tova{tokens=8}", backend="inductor")
+    assert compiled.backend == "inductor"
+    assert torch.equal(compiled.generate(ids, mask, max_new_tokens=10), eager.generate(ids, mask, max_new_tokens=10))
+    with pytest.raises(tcompile.BackendUnavailableError, match="inductor"):
+        tcompile.optimize(llama, backend="tensorrt")
