@@ -107,10 +107,15 @@ def tome_merge(x: torch.Tensor, k: torch.Tensor, sizes: torch.Tensor, src_map: t
     """
     metric = _metric(k, protect)
     pad = sizes[:, protect:, 0] <= 0                                        # [B, T]
-    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)            # [B, Na, Nb]
-    scores = scores.masked_fill(pad[:, 1::2].unsqueeze(1), -_FIRST)
-    node_max, node_idx = scores.max(dim=-1)
-    na, nb = scores.shape[1], scores.shape[2]
+    if metric.is_cuda and not torch.compiler.is_exporting():   # ONNX/TensorRT exports keep plain torch ops
+        from tcompile.kernels import token_merge  # noqa: F401  (registers tcompile::tome_match, Triton on CUDA)
+        node_max, node_idx = torch.ops.tcompile.tome_match(metric[:, ::2], metric[:, 1::2],
+                                                           pad[:, 1::2].contiguous(), -_FIRST)
+    else:
+        scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)        # [B, Na, Nb]
+        scores = scores.masked_fill(pad[:, 1::2].unsqueeze(1), -_FIRST)
+        node_max, node_idx = scores.max(dim=-1)
+    na, nb = node_max.shape[1], metric.shape[1] - node_max.shape[1]
     tokens = torch.cat([2 * _arange(na, node_idx), 2 * _arange(nb, node_idx) + 1], dim=1)
     priority = torch.cat([node_max, node_max.new_full((node_max.shape[0], nb), -2 * _FIRST)], dim=1)
     pad = torch.cat([pad[:, ::2], pad[:, 1::2]], dim=1)
