@@ -21,10 +21,16 @@ def _chat(tok, questions):
     return enc["input_ids"], enc["attention_mask"]
 
 
-def test_smollm2_greedy_equals_transformers_batch_1_and_3(smollm2):
-    import tcompile
+@pytest.fixture(scope="module")
+def program(smollm2):
+    from tcompile.runtime import capture_lm
+    return capture_lm(smollm2[0], "SmolLM2-135M-Instruct")
+
+
+def test_smollm2_greedy_equals_transformers_batch_1_and_3(smollm2, program):
+    from tcompile.runtime.lm_optimize import runtime_for
     model, tok = smollm2
-    opt = tcompile.optimize(model, passes=[])
+    opt, _ = runtime_for(program, [])
     ids, mask = _chat(tok, ["What is the capital of France?", "Name three colours of the rainbow, please.",
                             "Write a haiku about compilers that make models faster."])
     assert len(set(mask.sum(1).tolist())) == 3                       # three prompt lengths
@@ -35,3 +41,20 @@ def test_smollm2_greedy_equals_transformers_batch_1_and_3(smollm2):
     one = opt.generate(one_ids, max_new_tokens=12)
     assert torch.equal(one, model.generate(one_ids, max_new_tokens=12, do_sample=False))
     assert "Paris" in tok.decode(one[0, one_ids.shape[1]:])
+
+
+def test_smollm2_finds_the_needle_with_a_quarter_of_the_cache(smollm2, program):
+    """SnapKV with a forward max-pool at a 25% budget answers a ~1k-token needle question
+    (bench/RESULTS.md §5: 6/6), with a cache of at most 27% of the full one's bytes."""
+    from tcompile.models.needle import NEEDLE_CASES, needle_found, needle_prompt_ids
+    from tcompile.registry import parse_pipeline
+    from tcompile.runtime.lm_optimize import runtime_for
+    _, tok = smollm2
+    runtime, _ = runtime_for(program, parse_pipeline("kv_snapkv{ratio=0.25,pool=max,kernel=15,spread=forward}"))
+    depth, magic = NEEDLE_CASES[2]
+    ids = torch.tensor([needle_prompt_ids(tok, 1024, depth, magic)])
+    out = runtime.generate(ids, max_new_tokens=24)
+    answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert needle_found(answer, magic), answer
+    s = runtime.last_stats
+    assert s.peak_cache_bytes / s.full_cache_bytes <= 0.27
