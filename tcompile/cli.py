@@ -61,7 +61,8 @@ def _show_generation(opt: Any, ids: Any, tokenizer: Any) -> None:
         return
     out = opt.generate(ids, max_new_tokens=24)
     s = opt.last_stats
-    question = tokenizer.decode(ids[0, -40:], skip_special_tokens=True).strip().splitlines()[-1]
+    lines = [ln for ln in tokenizer.decode(ids[0, -60:], skip_special_tokens=True).splitlines() if ln.strip()]
+    question = next((ln for ln in reversed(lines) if "?" in ln), lines[-1] if lines else "").strip()
     print(f"\nexample prompt ({s.prompt_tokens} tokens) ends: ...{question!r}")
     print(f"answer: {tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()!r}")
     print(f"KV cache while decoding: {s.peak_cache_bytes / 2**20:.1f} MiB "
