@@ -21,6 +21,7 @@ import torch
 
 from tcompile.passes.kv_eviction import KVPolicy
 from tcompile.passes.kv_ops import gather, select
+from tcompile.passes.prompt_pruning import pooled_scores, select_tokens
 from tcompile.runtime.lm_capture import LMSpec
 from tcompile.runtime.sampling import check_sampling, next_tokens
 
@@ -162,7 +163,6 @@ class PromptFilter:
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(kept ids, their mask, kept original indices); the prompt as it is when it fits ``keep``."""
-        from tcompile.passes.prompt_pruning import pooled_scores, select_tokens
         if int(mask.sum(dim=1).max()) <= self.keep:
             return ids, mask, torch.where(mask > 0, torch.arange(ids.shape[1]).expand_as(ids), -1)
         scores = pooled_scores(self.fn(ids, mask)[0], mask, self.kernel)

@@ -27,7 +27,6 @@ class EvictingDecode(torch.nn.Module):
         if not runtime.evicts:
             raise ValueError("EvictingDecode needs a runtime with a KV policy in decode='evict' mode")
         self.runtime, self.capacity = runtime, capacity
-        self.layers = runtime.spec.num_layers
 
     def forward(self, input_ids: torch.Tensor, seen: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor,
                 pos: torch.Tensor, state: tuple[torch.Tensor, ...], kv: tuple[torch.Tensor, ...]
@@ -55,13 +54,13 @@ def export_decode_onnx(runtime: LMRuntime, token: torch.Tensor, cache: CacheStat
     with torch.no_grad():
         program = torch.onnx.export(module, _inputs(token, cache), dynamo=True, verbose=False)
     program.save(str(path))
-    return OrtDecode(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), runtime, cache)
+    return OrtDecode(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), cache)
 
 
 class OrtDecode:
     """Steps an exported evicting decode graph in ONNX Runtime, threading the cache through."""
 
-    def __init__(self, session: Any, runtime: LMRuntime, cache: CacheState) -> None:
+    def __init__(self, session: Any, cache: CacheState) -> None:
         self.session = session
         self.n_state = int(cache.state is not None)
         self.names = [i.name for i in session.get_inputs()]
