@@ -12,7 +12,11 @@ the pairs it keeps: the Triton ops of ``tcompile.kernels`` on CUDA, a gathered P
 * Left padding: each row is processed without its padding (found from the last row of the
   additive mask, which tcompile's prefill builds as causal AND key-not-padding), so padding keys
   are never attended and a padded row gets exactly the unpadded row's result; padding queries
-  output zeros. A mask that is not of that form falls back to dense SDPA.
+  output zeros. A mask whose last row is not left padding falls back to dense SDPA; otherwise the
+  mask is taken to be causal (the contract of ``capture_lm``'s prefill).
+* ``density`` is a work budget (share of the causal pairs computed, see ``sparse_ops``).
+  ``tiles=true`` (CPU only) lets every causal key of a diagonal's computed key range through,
+  as MInference's kernel does, instead of the exact vertical-slash pattern the CUDA op keeps.
 * Prompts (rows) shorter than ``min_tokens`` (default four blocks, so also any sequence shorter
   than one block) use dense SDPA: there sparse attention saves nothing.
 * ``pattern=auto`` uses a per-layer, per-head table of patterns in the ``table`` option, chosen
