@@ -125,10 +125,11 @@ def runtime_for(program: LMProgram, specs: list[PassSpec]) -> tuple[LMRuntime, l
     """Apply ``specs`` to both graphs and build the runtime with the KV policy and prompt filter they name."""
     kv = [s for s in specs if is_kv_pass(s.name)]
     prune = [s for s in specs if s.name == "prompt_pruning"]
-    other = [s.name for s in specs if not is_kv_pass(s.name) and s.name != "prompt_pruning"]
+    other = [s.name for s in specs
+             if not is_kv_pass(s.name) and s.name not in ("prompt_pruning", "sparse_attention")]
     if other:
         raise PassOptionError(f"pass(es) {other} do not apply to causal LMs; use a KV-cache pass "
-                              f"({', '.join(sorted(POLICIES))}) and/or prompt_pruning")
+                              f"({', '.join(sorted(POLICIES))}), prompt_pruning and/or sparse_attention")
     for group, what in ((kv, "KV-cache pass"), (prune, "prompt_pruning pass")):
         if len(group) > 1:
             raise PassOptionError(f"one {what} at a time, got {[format_pipeline([s]) for s in group]}")
