@@ -49,8 +49,17 @@ from tcompile.runtime import capture_lm
 from tcompile.runtime.lm_optimize import runtime_for
 
 OP = torch.ops.tcompile.sparse_prefill_attention.default
-# name -> (pattern code, tiles): the exact vertical-slash pattern, its MInference-kernel variant, block_topk
-PATTERNS = {"vertical_slash": ("v", False), "vertical_slash_tiles": ("v", True), "block_topk": ("b", False)}
+# name -> pass options besides density (the rest are SparseAttentionOptions' defaults): vertical_slash as
+# MInference's kernel computes it (tiles, the default), its exact-lines variant, block_topk
+PATTERNS = {"vertical_slash": {"pattern": "vertical_slash"},
+            "vertical_slash_exact": {"pattern": "vertical_slash", "tiles": False},
+            "block_topk": {"pattern": "block_topk"}}
+
+
+def op_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: SparseAttentionOptions) -> torch.Tensor:
+    """The pass's op on one unpadded row with options ``o`` (what the rewritten prefill runs)."""
+    return OP(q, k, v, None, sparse_ops.CODE_OF[o.pattern], float(o.density), o.block, o.sinks, o.window, o.last_q,
+              0, -1.0, o.tiles)
 
 
 def pydoc_ids(tok, tokens: int) -> torch.Tensor:
@@ -68,13 +77,15 @@ def record_qkv(program, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, ..
         return tuple(t.contiguous() for t in gm(ids, torch.ones_like(ids))[-3:])
 
 
-def visited(code: str, q: torch.Tensor, k: torch.Tensor, density: float, scale: float) -> float:
-    """Gathered (query, key) pairs over causal pairs: the work the CPU path does (default options)."""
+def visited(o: SparseAttentionOptions, q: torch.Tensor, k: torch.Tensor, scale: float) -> float:
+    """Gathered (query, key) pairs over causal pairs: the work the CPU path does."""
     h, n = q.shape[1], q.shape[2]
     kv_of = torch.arange(h) // (h // k.shape[1])
-    idx = sparse_ops.estimate(code, q[0], k[0], kv_of, density, 64, 64, 64, 64, scale)
-    visits = sparse_ops.slash_visits(*idx, n, 64) if code == "v" else sparse_ops.block_visits(*idx, 64)
-    return sum(float(part.count.sum()) for part in visits) * 64 / (h * sparse_ops.causal_pairs(n))
+    code = sparse_ops.CODE_OF[o.pattern]
+    idx = sparse_ops.estimate(code, q[0], k[0], kv_of, o.density, o.block, o.sinks, o.window, o.last_q, scale)
+    visits = (sparse_ops.slash_visits(*idx, n, o.block, o.tiles) if code == "v"
+              else sparse_ops.block_visits(*idx, o.block))
+    return sum(float(part.count.sum()) for part in visits) * o.block / (h * sparse_ops.causal_pairs(n))
 
 
 def attention_part(program, tok, tokens: int, layer: int, densities: list[float], rounds: int) -> dict:
@@ -88,19 +99,18 @@ def attention_part(program, tok, tokens: int, layer: int, densities: list[float]
                                                        torch.finfo(torch.float32).min)[None, None]
         fns = {"dense_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
                "dense_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)}
-        for pattern, (code, tiles) in PATTERNS.items():
-            for dens in densities:
-                fns[f"{pattern}@{dens:g}"] = (lambda c=code, d=dens, t=tiles: OP(q, k, v, None, c, d, 64, 64, 64, 64, 0,
-                                                                                 -1.0, t))
+        options = {f"{pattern}@{dens:g}": SparseAttentionOptions(density=dens, **extra)
+                   for pattern, extra in PATTERNS.items() for dens in densities}
+        for key, o in options.items():
+            fns[key] = lambda o=o: op_call(q, k, v, o)
         times = interleaved_medians(fns, rounds)
         base = times["dense_causal"]["median"]
         rows = {}
         for key, t in times.items():
             row = {"median_s": t["median"], "times_s": t["times"], "speedup_vs_dense_causal": base / t["median"],
                    "speedup_vs_dense_mask": times["dense_mask"]["median"] / t["median"]}
-            if "@" in key:
-                pattern, dens = key.split("@")
-                row["visited"] = visited(PATTERNS[pattern][0], q, k, float(dens), scale)
+            if key in options:
+                row["visited"] = visited(options[key], q, k, scale)
             rows[key] = row
             print(f"  {name:18s} {key:22s} {t['median'] * 1e3:8.1f} ms  x{row['speedup_vs_dense_causal']:.2f}"
                   + (f"  visited {row['visited']:.3f}" if "visited" in row else ""), flush=True)

@@ -11,10 +11,14 @@ query block of ``block_size`` rows visits
   blocks), computed densely with tensor-core dots, and
 * a column part: the verticals that no tile covers, gathered ``block_size`` at a time,
 
-with one FlashAttention-2 online softmax across both. Unlike MInference, whose tiles let every
-causal key inside them through, tiles here are masked to the exact pattern (slash offset or
-vertical column), and a vertical inside a tile is counted there only, so the op equals the
-dense-mask ``vertical_slash_reference`` to rounding.
+with one FlashAttention-2 online softmax across both. Two semantics (``tiles``):
+
+* ``tiles=False`` (exact): tiles are masked to the exact pattern (slash offset or vertical
+  column), and a vertical inside a tile is counted there only, so the op equals the dense-mask
+  ``vertical_slash_reference`` to rounding;
+* ``tiles=True`` (MInference's kernel): every causal key inside a tile is attended (its score
+  is computed anyway), plus the uncovered verticals: the same work, more of the attention mass
+  kept. The reference then takes :func:`vertical_slash_tiles_mask`.
 
 Index entries outside [0, Nk) are ignored (use -1 to pad), as are repeats.
 """
@@ -26,7 +30,8 @@ from tcompile.kernels.block_sparse_attention import (_LOG2E, attend_tile, check_
                                                      kernel_meta, kv_heads_for, masked_softmax_attention, tl, triton,
                                                      triton_usable)
 
-__all__ = ["vertical_slash_attention", "vertical_slash_reference", "vertical_slash_mask", "vertical_slash_plan"]
+__all__ = ["vertical_slash_attention", "vertical_slash_reference", "vertical_slash_mask", "vertical_slash_tiles_mask",
+           "vertical_slash_plan"]
 
 _PAD = 1 << 30  # tile start of an unused slot: sorts last and is never read (counts bound the loops)
 
@@ -44,14 +49,30 @@ def vertical_slash_mask(vertical_index: torch.Tensor, slash_index: torch.Tensor,
     return (off >= 0) & (cols.unsqueeze(2) | on_slash)
 
 
+def vertical_slash_tiles_mask(vertical_index: torch.Tensor, slash_index: torch.Tensor, nq: int, nk: int,
+                              block_size: int) -> torch.Tensor:
+    """Boolean [B, H, Nq, Nk] of ``tiles=True``: causal AND (key inside one of its query block's
+    greedy tiles OR key column in the vertical set)."""
+    slashes = _sorted_unique(slash_index, nk, descending=True)
+    tiles, count = _greedy_tiles_torch(slashes, nq, nk, block_size)                     # [B,H,M,S], [B,H,M]
+    keys = torch.arange(nk, device=slash_index.device)
+    used = torch.arange(tiles.shape[-1], device=keys.device) < count.unsqueeze(-1)
+    inside = (used.unsqueeze(-1) & (keys >= tiles.unsqueeze(-1)) & (keys < tiles.unsqueeze(-1) + block_size)).any(-2)
+    rows = inside.repeat_interleave(block_size, dim=2)[:, :, :nq]                       # [B,H,Nq,Nk]
+    off = torch.arange(nq, device=keys.device).unsqueeze(1) + (nk - nq) - keys.unsqueeze(0)
+    return (off >= 0) & (rows | _lut(vertical_index, nk).bool().unsqueeze(2))
+
+
 def vertical_slash_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vertical_index: torch.Tensor,
-                             slash_index: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+                             slash_index: torch.Tensor, block_size: int, scale: float,
+                             tiles: bool = False) -> torch.Tensor:
     """Dense-mask ground truth (fp32 masked softmax, zero rows with no key). O(Nq*Nk) memory.
 
-    ``block_size`` is accepted for signature parity; the result does not depend on it.
+    With ``tiles=False`` the result does not depend on ``block_size`` (the exact pattern).
     """
     hq, nq, nk = q.shape[1], q.shape[2], k.shape[2]
-    mask = vertical_slash_mask(vertical_index, slash_index, nq, nk)
+    mask = (vertical_slash_tiles_mask(vertical_index, slash_index, nq, nk, block_size) if tiles
+            else vertical_slash_mask(vertical_index, slash_index, nq, nk))
     kf, vf = kv_heads_for(k, hq).float(), kv_heads_for(v, hq).float()
     return masked_softmax_attention((q.float() @ kf.transpose(-1, -2)) * scale, mask, vf).to(q.dtype)
 
@@ -155,7 +176,8 @@ def vertical_slash_plan(vertical_index: torch.Tensor, slash_index: torch.Tensor,
 # ----------------------------------------------------------------------------- CPU path
 @torch.library.custom_op("tcompile::vertical_slash_attention_cpu", mutates_args=())
 def vertical_slash_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vertical_index: torch.Tensor,
-                                 slash_index: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+                                 slash_index: torch.Tensor, block_size: int, scale: float,
+                                 tiles: bool = False) -> torch.Tensor:
     """Tiles + gathered columns in PyTorch; work scales with the pattern, not Nq*Nk.
 
     Opaque (never traced into), so lists are cut to the longest used one.
@@ -196,14 +218,14 @@ def vertical_slash_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         off = rows[m0:m1].view(1, 1, -1, bs, 1) - kc.unsqueeze(-2)                        # [B,H,c,bs,L]
         hit = slut.gather(-1, off.clamp(0, nk - 1).flatten(2)).view(off.shape) | vlut.gather(-1, kc.flatten(2)).view(
             kc.shape).unsqueeze(-2)
-        mask = okc.unsqueeze(-2) & (off >= 0) & (hit | ~in_tile)
+        mask = okc.unsqueeze(-2) & (off >= 0) & (hit | ~in_tile | tiles)
         scores = (qf[:, :, m0:m1] @ kg.transpose(-1, -2)) * scale
         out[:, :, m0:m1] = masked_softmax_attention(scores, mask, vg)
     return out.reshape(bsz, hq, mq * bs, d)[:, :, :nq].to(q.dtype).contiguous()
 
 
 @vertical_slash_attention_cpu.register_fake
-def _(q, k, v, vertical_index, slash_index, block_size, scale):  # noqa: ANN001, ANN202
+def _(q, k, v, vertical_index, slash_index, block_size, scale, tiles=False):  # noqa: ANN001, ANN202
     return q.new_empty(q.shape)
 
 
@@ -232,10 +254,10 @@ if triton is not None:
         tl.store(TCNT + bh * NUM_QB + m, cnt, mask=lane)
 
     @triton.jit
-    def _vs_fwd(Q, K, V, O, TILES, TCNT, COLS, CCNT, SLUT, VLUT, qk_scale,
+    def _vs_fwd(Q, K, V, O, TILE_START, TCNT, COLS, CCNT, SLUT, VLUT, qk_scale,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
                 HQ, GROUP, NQ, NK, NUM_QB, NS, NV, HEAD_DIM,
-                BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
+                BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, TILES: tl.constexpr):
         qb = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // HQ).to(tl.int64)
@@ -260,13 +282,17 @@ if triton is not None:
         l_i = tl.zeros([BLOCK], dtype=tl.float32)
         m_i = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
         # block part: dense tiles over the slash lines, masked to slash offsets and verticals
+        # (TILES: every causal key of the tile, as MInference's kernel)
         for t in range(0, tl.load(TCNT + lst)):
-            keys = tl.load(TILES + lst * NS + t) + offs_n
+            keys = tl.load(TILE_START + lst * NS + t) + offs_n
             kmask = keys < NK
             pair = rmask[:, None] & kmask[None, :] & (keys[None, :] <= lim[:, None])
-            on_slash = tl.load(SLUT + lut + (lim[:, None] - keys[None, :]), mask=pair, other=0)
-            on_col = tl.load(VLUT + lut + keys, mask=kmask, other=0)
-            mask = pair & ((on_slash != 0) | (on_col != 0)[None, :])
+            if TILES:
+                mask = pair
+            else:
+                on_slash = tl.load(SLUT + lut + (lim[:, None] - keys[None, :]), mask=pair, other=0)
+                on_col = tl.load(VLUT + lut + keys, mask=kmask, other=0)
+                mask = pair & ((on_slash != 0) | (on_col != 0)[None, :])
             k_t = tl.load(k_base + keys[None, :] * skn + offs_d[:, None] * skd, mask=kmask[None, :] & dmask[:, None],
                           other=0.0)
             v = tl.load(v_base + keys[:, None] * svn + offs_d[None, :] * svd, mask=kmask[:, None] & dmask[None, :],
@@ -298,10 +324,12 @@ else:  # pragma: no cover
 
 @torch.library.triton_op("tcompile::vertical_slash_attention", mutates_args=())
 def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vertical_index: torch.Tensor,
-                             slash_index: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+                             slash_index: torch.Tensor, block_size: int, scale: float,
+                             tiles: bool = False) -> torch.Tensor:
     """Causal vertical-slash attention. q [B,Hq,Nq,d]; k, v [B,Hkv,Nk,d]; vertical_index int32
     [B,Hq,V] (key columns); slash_index int32 [B,Hq,S] (offsets o >= 0: query i sees key
-    i + (Nk-Nq) - o). Rows that see no key are zeros. Returns q's dtype.
+    i + (Nk-Nq) - o); ``tiles``: attend every causal key of the slash tiles (MInference's kernel)
+    instead of the exact lines. Rows that see no key are zeros. Returns q's dtype.
     """
     bsz, hq, hkv, nq, nk, d = check_attention_inputs("vertical_slash_attention", q, k, v, block_size)
     vertical_index = check_index("vertical_slash_attention", "vertical_index", vertical_index, (bsz, hq), q)
@@ -310,7 +338,8 @@ def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError("vertical_slash_attention: vertical_index must be [B,Hq,V] and slash_index [B,Hq,S], got "
                          f"{tuple(vertical_index.shape)} and {tuple(slash_index.shape)}")
     if not triton_usable(q, _vs_fwd):
-        return torch.ops.tcompile.vertical_slash_attention_cpu(q, k, v, vertical_index, slash_index, block_size, scale)
+        return torch.ops.tcompile.vertical_slash_attention_cpu(q, k, v, vertical_index, slash_index, block_size, scale,
+                                                               tiles)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if nq == 0 or bsz * hq == 0:
         return out
@@ -322,5 +351,6 @@ def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     torch.library.wrap_triton(_vs_fwd)[(mq, bsz * hq)](
         q, k, v, out, plan["tiles"], plan["tile_count"], plan["cols"], plan["col_count"], plan["slash_lut"],
         plan["vert_lut"], scale * _LOG2E, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        hq, hq // hkv, nq, nk, mq, plan["tiles"].shape[3], plan["cols"].shape[3], d, **kernel_meta(q, block_size, d))
+        hq, hq // hkv, nq, nk, mq, plan["tiles"].shape[3], plan["cols"].shape[3], d, TILES=bool(tiles),
+        **kernel_meta(q, block_size, d))
     return out

@@ -396,15 +396,12 @@ def _attend_heads(code: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         ks, vs = k.index_select(0, kv_of), v.index_select(0, kv_of)
         return F.scaled_dot_product_attention(q[None], ks[None], vs[None], is_causal=True, scale=scale)[0]
     indices = estimate(code, q, k, kv_of, density, block, sinks, window, last_q, scale)
-    if use_kernels and tiles and code == "v":
-        raise ValueError("sparse_attention: tiles=true runs on CPU only; the CUDA vertical-slash kernel computes "
-                         "the exact pattern (set tiles=false)")
     if use_kernels:   # the Triton ops take one KV head per query-head group: give each query head its own
         from tcompile.kernels import block_sparse_attention as bsa, vertical_slash as vsa   # noqa: F401  (register)
         ks, vs = k.index_select(0, kv_of)[None], v.index_select(0, kv_of)[None]
         a, b = (t.to(torch.int32)[None] for t in indices)
         if code == "v":
-            return torch.ops.tcompile.vertical_slash_attention(q[None], ks, vs, a, b, block, scale)[0]
+            return torch.ops.tcompile.vertical_slash_attention(q[None], ks, vs, a, b, block, scale, tiles)[0]
         return torch.ops.tcompile.block_sparse_attention(q[None], ks, vs, a, b, block, scale, True)[0]
     visits = slash_visits(*indices, q.shape[1], block, tiles) if code == "v" else block_visits(*indices, block)
     return gathered_attention(q, k, v, kv_of, visits, scale, block)

@@ -120,3 +120,30 @@ def test_bf16_and_shorter_than_one_block(device):
     out = vertical_slash_attention(q, k, v, vert.to(device), slash.to(device), 16, 0.25)
     ref = vertical_slash_reference(q, k, v, vert.to(device), slash.to(device), 16, 0.25)
     assert out.dtype == torch.bfloat16 and rel_err(out, ref) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("case", CASES[:2] + CASES[3:])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tiles_mode_matches_tile_mask(device, case, dtype):
+    """tiles=True (MInference's kernel): every causal key of a tile is attended, and the kernel
+    equals dense SDPA under ``vertical_slash_tiles_mask`` (a superset of the exact pattern)."""
+    b, hq, hkv, nq, nk, nv, ns = case
+    q, k, v = qkv(b, hq, hkv, nq, nk, 16, dtype, device, seed=nq + 1)
+    vert, slash = random_pattern(b, hq, nk, nv, ns, seed=nk + 1)
+    mask = vs.vertical_slash_tiles_mask(vert, slash, nq, nk, 16)
+    assert bool((mask | ~vertical_slash_mask(vert, slash, nq, nk)).all())          # superset
+    assert bool((mask & ~vertical_slash_mask(vert, slash, nq, nk)).any())          # and more than it
+    out = vertical_slash_attention(q, k, v, vert.to(device), slash.to(device), 16, 0.25, True)
+    dense, rows = sdpa_masked(q, k, v, mask, 0.25)
+    assert rel_err(out, vertical_slash_reference(q, k, v, vert.to(device), slash.to(device), 16, 0.25, True)) \
+        <= TOL[dtype]
+    assert rel_err(out, dense, rows.to(device)) <= TOL[dtype]
+
+
+def test_tiles_mode_cpu_path(cpu_path):
+    b, hq, hkv, nq, nk, nv, ns = CASES[1]
+    q, k, v = qkv(b, hq, hkv, nq, nk, 16, torch.float32, torch.device("cpu"), seed=3)
+    vert, slash = random_pattern(b, hq, nk, nv, ns, seed=5)
+    for bs in (16, 32):
+        out = vertical_slash_attention(q, k, v, vert, slash, bs, 0.25, True)
+        assert rel_err(out, vertical_slash_reference(q, k, v, vert, slash, bs, 0.25, True)) <= 1e-5
