@@ -212,6 +212,25 @@ if triton is not None:
         return acc, l_i, m_new
 
     @triton.jit
+    def load_kv_tile(k_base, v_base, keys, kmask, offs_d, dmask, skn, skd, svn, svd, DOT_FP32: tl.constexpr):
+        """K^T [D, BN] and V [BN, D] of the keys ``keys`` (masked lanes read zeros), in the dot dtype."""
+        k_t = tl.load(k_base + keys[None, :] * skn + offs_d[:, None] * skd, mask=kmask[None, :] & dmask[:, None],
+                      other=0.0)
+        v = tl.load(v_base + keys[:, None] * svn + offs_d[None, :] * svd, mask=kmask[:, None] & dmask[None, :],
+                    other=0.0)
+        if DOT_FP32:
+            k_t = k_t.to(tl.float32)
+            v = v.to(tl.float32)
+        return k_t, v
+
+    @triton.jit
+    def store_rows(O, b, h, rows, offs_d, rmask, dmask, sob, soh, som, sod, acc, l_i):
+        """Normalise the online-softmax accumulator and store it; rows that saw no key are zeros."""
+        out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+        tl.store(O + b * sob + h * soh + rows[:, None] * som + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
+                 mask=rmask[:, None] & dmask[None, :])
+
+    @triton.jit
     def _block_sparse_fwd(Q, K, V, O, BIDX, BCNT, qk_scale,
                           sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
                           HQ, GROUP, NQ, NK, NUM_QB, NUM_KB, MAX_BLOCKS, HEAD_DIM,
@@ -245,22 +264,14 @@ if triton is not None:
             kb = tl.minimum(tl.maximum(tl.load(BIDX + lst.to(tl.int64) * MAX_BLOCKS + t), -1), NUM_KB)
             keys = kb * BLOCK + offs_n
             kmask = (keys >= 0) & (keys < NK)
-            k_t = tl.load(k_base + keys[None, :] * skn + offs_d[:, None] * skd, mask=kmask[None, :] & dmask[:, None],
-                          other=0.0)
-            v = tl.load(v_base + keys[:, None] * svn + offs_d[None, :] * svd, mask=kmask[:, None] & dmask[None, :],
-                        other=0.0)
-            if DOT_FP32:
-                k_t = k_t.to(tl.float32)
-                v = v.to(tl.float32)
+            k_t, v = load_kv_tile(k_base, v_base, keys, kmask, offs_d, dmask, skn, skd, svn, svd, DOT_FP32)
             mask = rmask[:, None] & kmask[None, :]
             if CAUSAL:
                 mask = mask & (keys[None, :] <= rows[:, None] + (NK - NQ))
             acc, l_i, m_i = attend_tile(q, k_t, v, mask, acc, l_i, m_i, qk_scale, DOT_FP32)
-        out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
-        tl.store(O + b * sob + h * soh + rows[:, None] * som + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
-                 mask=rmask[:, None] & dmask[None, :])
+        store_rows(O, b, h, rows, offs_d, rmask, dmask, sob, soh, som, sod, acc, l_i)
 else:  # pragma: no cover
-    attend_tile = _block_sparse_fwd = None
+    attend_tile = load_kv_tile = store_rows = _block_sparse_fwd = None
 
 
 def kernel_meta(q: torch.Tensor, block_size: int, d: int) -> dict[str, object]:

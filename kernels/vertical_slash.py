@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 
 from tcompile.kernels.block_sparse_attention import (_LOG2E, attend_tile, check_attention_inputs, check_index,
-                                                     kernel_meta, kv_heads_for, masked_softmax_attention, tl, triton,
-                                                     triton_usable)
+                                                     kernel_meta, kv_heads_for, load_kv_tile,
+                                                     masked_softmax_attention, store_rows, tl, triton, triton_usable)
 
 __all__ = ["vertical_slash_attention", "vertical_slash_reference", "vertical_slash_mask", "vertical_slash_tiles_mask",
            "vertical_slash_plan"]
@@ -293,13 +293,7 @@ if triton is not None:
                 on_slash = tl.load(SLUT + lut + (lim[:, None] - keys[None, :]), mask=pair, other=0)
                 on_col = tl.load(VLUT + lut + keys, mask=kmask, other=0)
                 mask = pair & ((on_slash != 0) | (on_col != 0)[None, :])
-            k_t = tl.load(k_base + keys[None, :] * skn + offs_d[:, None] * skd, mask=kmask[None, :] & dmask[:, None],
-                          other=0.0)
-            v = tl.load(v_base + keys[:, None] * svn + offs_d[None, :] * svd, mask=kmask[:, None] & dmask[None, :],
-                        other=0.0)
-            if DOT_FP32:
-                k_t = k_t.to(tl.float32)
-                v = v.to(tl.float32)
+            k_t, v = load_kv_tile(k_base, v_base, keys, kmask, offs_d, dmask, skn, skd, svn, svd, DOT_FP32)
             acc, l_i, m_i = attend_tile(q, k_t, v, mask, acc, l_i, m_i, qk_scale, DOT_FP32)
         # column part: verticals outside every tile, BLOCK gathered columns at a time
         ccnt = tl.load(CCNT + lst)
@@ -307,17 +301,9 @@ if triton is not None:
             cm = c0 + offs_n < ccnt
             keys = tl.load(COLS + lst * NV + c0 + offs_n, mask=cm, other=0)
             mask = rmask[:, None] & cm[None, :] & (keys[None, :] <= lim[:, None])
-            k_t = tl.load(k_base + keys[None, :] * skn + offs_d[:, None] * skd, mask=cm[None, :] & dmask[:, None],
-                          other=0.0)
-            v = tl.load(v_base + keys[:, None] * svn + offs_d[None, :] * svd, mask=cm[:, None] & dmask[None, :],
-                        other=0.0)
-            if DOT_FP32:
-                k_t = k_t.to(tl.float32)
-                v = v.to(tl.float32)
+            k_t, v = load_kv_tile(k_base, v_base, keys, cm, offs_d, dmask, skn, skd, svn, svd, DOT_FP32)
             acc, l_i, m_i = attend_tile(q, k_t, v, mask, acc, l_i, m_i, qk_scale, DOT_FP32)
-        out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
-        tl.store(O + b * sob + h * soh + rows[:, None] * som + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
-                 mask=rmask[:, None] & dmask[None, :])
+        store_rows(O, b, h, rows, offs_d, rmask, dmask, sob, soh, som, sod, acc, l_i)
 else:  # pragma: no cover
     _vs_tiles = _vs_fwd = None
 
