@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.fx
@@ -41,6 +42,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from tcompile import _compat
 from tcompile.analysis.graph_utils import SDPA_OPS
+from tcompile.cost.flops import SOFTMAX_FLOPS_PER_ELEM, NodeCost
 from tcompile.errors import PassOptionError
 from tcompile.pass_manager import PassContext, PassSkipped
 from tcompile.passes import sparse_ops
@@ -152,6 +154,25 @@ def sparse_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 @sparse_prefill_attention.register_fake
 def _(q, k, v, mask, codes, density, block, sinks, window, last_q, min_tokens, scale, tiles=False):  # noqa: ANN001, ANN202
     return torch.empty_like(q)
+
+
+def _op_cost(node: torch.fx.Node, size: Callable[[object], int]) -> NodeCost:
+    """Cost-model rule for the op: the dense causal attention FLOPs times ``density`` for rows of
+    at least ``min_tokens`` (shorter rows run dense), plus vertical_slash's estimate (the last
+    ``last_q`` queries against every key) and the q/k/v/output traffic."""
+    q, k = (a.meta["val"] for a in node.args[:2])
+    codes, density, _, _, _, last_q, min_tokens = node.args[4:11]
+    bsz, heads, n, d = (size(x) for x in q.shape)
+    pairs = n * (n + 1) / 2
+    share = 1.0 if n < max(min_tokens, 1) or set(codes) == {"d"} else float(density)
+    flops = bsz * heads * pairs * share * (4.0 * d + SOFTMAX_FLOPS_PER_ELEM)
+    if "v" in codes and share < 1.0:
+        flops += bsz * heads * min(last_q, n) * n * (2.0 * d + SOFTMAX_FLOPS_PER_ELEM)
+    nbytes = (2 * bsz * heads + 2 * bsz * size(k.shape[1])) * n * d * q.element_size()
+    return NodeCost(flops, float(nbytes), "attention")
+
+
+sparse_prefill_attention._opoverload.__tcompile_cost__ = _op_cost
 
 
 def _sdpa_sites(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

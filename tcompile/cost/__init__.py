@@ -35,11 +35,12 @@ from tcompile.cost.profile import (
     measure_cpu_profile,
     measure_cuda_profile,
 )
+from tcompile.cost.validation import Validation, spearman, validate
 
 __all__ = [
     "DATASHEETS", "KINDS", "TARGETS", "DeviceProfile", "GraphCost", "NodeCost", "SizeResolver",
     "by_kind", "call_nodes", "cpu_profile", "cpu_profile_path", "dtype_name", "dynamic_symbols",
     "get_profile", "graph_cost", "measure_cpu_profile", "measure_cuda_profile", "measure_latency",
     "measure_op_overhead", "node_cost", "node_dtype", "op_name", "predict_breakdown",
-    "predict_latency", "predict_node_seconds",
+    "predict_latency", "predict_node_seconds", "Validation", "spearman", "validate",
 ]

@@ -207,9 +207,9 @@ def _price(node: fx.Node, S: SizeResolver) -> tuple[NodeCost, bool]:
     """The node's cost, and whether a rule priced it (False: the unknown-op fallback)."""
     if node.op in ("placeholder", "get_attr", "output"):
         return ZERO_COST, True
-    hook: Callable[[fx.Node], NodeCost] | None = getattr(node.target, "__tcompile_cost__", None)
+    hook: Callable[[fx.Node, SizeResolver], NodeCost] | None = getattr(node.target, "__tcompile_cost__", None)
     if hook is not None:
-        return hook(node), True
+        return hook(node, S), True
     name, val = op_name(node), node.meta.get("val")
     cost = _aten_cost(name, node, S) if name is not None else None
     if cost is not None:
@@ -226,7 +226,8 @@ def _price(node: fx.Node, S: SizeResolver) -> tuple[NodeCost, bool]:
 def node_cost(node: fx.Node, sizes: Mapping[str, int] | None = None) -> NodeCost:
     """The cost of one node, from its and its inputs' meta values; ``sizes`` maps symbols
     (``"s77"``) to values over the hints. A non-aten target (a pass's helper) may carry
-    ``__tcompile_cost__(node) -> NodeCost``; else it costs its inputs' and outputs' bytes."""
+    ``__tcompile_cost__(node, size) -> NodeCost`` (``size`` turns a dim, SymInt or int, into an int
+    under ``sizes``); else it costs its inputs' and outputs' bytes."""
     return _price(node, SizeResolver(dict(sizes or {})))[0]
 
 

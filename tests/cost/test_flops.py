@@ -132,7 +132,7 @@ def test_python_function_nodes_use_the_hook_or_fall_back_to_io_bytes() -> None:
     def priced(x: torch.Tensor) -> torch.Tensor:
         return x + 1
 
-    priced.__tcompile_cost__ = lambda node: NodeCost(123.0, 4.0, "elementwise")
+    priced.__tcompile_cost__ = lambda node, size: NodeCost(123.0, 4.0, "elementwise")
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
     a = graph.call_function(helper, (x,))

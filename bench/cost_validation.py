@@ -1,0 +1,65 @@
+"""Cost model validation (issue 6, acceptance 1): predicted vs measured latency on this CPU.
+
+Usage: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/cost_validation.py [--parts vit prefill decode]
+
+The CPU profile is re-measured first (``cpu_profile(refresh=True)``, as ``tcompile calibrate``
+does), then ``tcompile.cost.validate`` predicts each configuration from its rewritten graph and
+times it in interleaved rounds (medians):
+  vit      ViT-B/16 (random init), batch 8, 224x224, fp32: token merging r=0..16, pruning
+  prefill  SmolLM2-135M, one 1,024-token prompt: sparse attention densities/patterns, GemFilter keeps
+  decode   SmolLM2-135M, one decode step after a 2,048-token prompt: KV policies and budgets
+Per part: Spearman's rho between predicted and measured, and the median |predicted/measured - 1|.
+Results: bench/results/cost_validation.json.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench_common import save
+from tcompile.cost import cpu_profile
+from tcompile.cost.validation import validate
+
+VIT = ["", *(f"token_merging{{r={r}}}" for r in (2, 4, 6, 8, 10, 12, 14, 16)),
+       "token_pruning{keep=0.7}", "token_pruning{keep=0.5}"]
+PREFILL = ["", "sparse_attention{density=0.5}", "sparse_attention{density=0.3}", "sparse_attention{density=0.1}",
+           "sparse_attention{pattern=block_topk,density=0.3}", "sparse_attention{pattern=a_shape,density=0.2}",
+           "prompt_pruning{keep=768}", "prompt_pruning{keep=512}", "prompt_pruning{keep=256}",
+           "prompt_pruning{keep=512},sparse_attention{density=0.3}"]
+DECODE = ["", "kv_streaming{ratio=0.75}", "kv_streaming{ratio=0.5}", "kv_streaming{ratio=0.25}",
+          "kv_streaming{ratio=0.1}", "kv_snapkv{ratio=0.5}", "kv_snapkv{ratio=0.25}", "kv_h2o{ratio=0.25}",
+          "kv_tova{ratio=0.1}", "prompt_pruning{keep=512}"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", nargs="*", default=["vit", "prefill", "decode"], choices=["vit", "prefill", "decode"])
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    started = time.perf_counter()
+    profile = cpu_profile(refresh=True)
+    payload: dict = {"profile": profile.to_dict(), "parts": {}}
+    if "vit" in args.parts:
+        from tcompile.models.vision import vit_b16
+        result = validate(vit_b16().eval(), VIT, {"pixel_values": torch.randn(8, 3, 224, 224)}, profile=profile,
+                          rounds=args.rounds)
+        print(result.table(), flush=True)
+        payload["parts"]["vit_b16_batch8"] = result.to_dict()
+    if {"prefill", "decode"} & set(args.parts):
+        from tcompile.models.lm import load_smollm2
+        from tcompile.runtime import capture_lm
+        program = capture_lm(load_smollm2(), "SmolLM2-135M-Instruct")
+        for part, configs, tokens in (("prefill", PREFILL, 1024), ("decode", DECODE, 2048)):
+            if part in args.parts:
+                result = validate(program, configs, phase=part, tokens=tokens, profile=profile,
+                                  rounds=args.rounds if part == "prefill" else 4 * args.rounds)
+                print(result.table(), flush=True)
+                payload["parts"][f"smollm2_{part}_{tokens}"] = result.to_dict()
+    payload["seconds"] = time.perf_counter() - started
+    print("wrote", save("cost_validation", payload))
+
+
+if __name__ == "__main__":
+    main()

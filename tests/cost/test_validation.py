@@ -1,0 +1,62 @@
+"""cost.validate: predicted vs measured latency per configuration, Spearman, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tcompile.cost.validation import spearman, validate
+from tcompile.models.lm import tiny_llama
+from tcompile.runtime import capture_lm
+
+
+def test_spearman_known_values():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)    # ties share a rank
+    with pytest.raises(ValueError, match="at least 2"):
+        spearman([1.0], [2.0])
+
+
+def test_forward_configs_rank_merging_levels(vit_program):
+    result = validate(vit_program, ["", "token_merging{r=8}", "token_merging{r=16}"], rounds=2)
+    assert [r.pipeline for r in result.rows] == ["", "token_merging{r=8}", "token_merging{r=16}"]
+    preds = [r.predicted_s for r in result.rows]
+    assert all(p > 0 for p in preds) and len(set(preds)) == 3      # each priced on its own graph
+    assert all(r.measured_s > 0 and len(r.times_s) == 2 for r in result.rows)
+    assert -1.0 <= result.spearman <= 1.0 and result.median_abs_error >= 0
+    assert "Spearman" in result.table() and result.to_dict()["rows"][0]["error"] == result.rows[0].error
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return capture_lm(tiny_llama())
+
+
+def test_lm_prefill_prices_the_prompt_length_and_sparse_density(llama):
+    dense = validate(llama, ["", "sparse_attention{density=0.2,block=16,min_tokens=16}"], phase="prefill",
+                     tokens=256, rounds=1)
+    assert dense.rows[1].predicted_s < dense.rows[0].predicted_s      # the sparse op is priced at its density
+    def at(n: int, config: str = "") -> float:
+        return validate(llama, [config, config], phase="prefill", tokens=n, rounds=1).rows[0].predicted_s
+    assert dense.rows[0].predicted_s == pytest.approx(at(256)) and at(256) > at(64)   # priced at the length
+    assert at(256, "prompt_pruning{keep=64}") > at(64)               # the filter graph on 256 tokens + 64 kept
+
+
+def test_lm_decode_prices_the_cache_the_policy_keeps(llama):
+    result = validate(llama, ["", "kv_streaming{ratio=0.25}"], phase="decode", tokens=512, rounds=2)
+    assert result.rows[1].predicted_s < result.rows[0].predicted_s
+
+
+def test_sparse_op_cost_scales_with_density(llama):
+    configs = [f"sparse_attention{{density={d},block=16,min_tokens=16,last_q=16}}" for d in (0.1, 0.5, 1.0)]
+    preds = [r.predicted_s for r in validate(llama, configs, phase="prefill", tokens=512, rounds=1).rows]
+    assert preds[0] < preds[1] < preds[2]
+
+
+def test_bad_input(vit_program, llama):
+    with pytest.raises(ValueError, match="at least two configurations"):
+        validate(vit_program, [""])
+    with pytest.raises(ValueError, match="phase='decode' does not fit"):
+        validate(vit_program, ["", "token_merging{r=2}"], phase="decode")
+    with pytest.raises(ValueError, match="phase='sideways' is unknown"):
+        validate(llama, ["", ""], phase="sideways")
