@@ -192,3 +192,29 @@ def test_chart_helpers() -> None:
     assert nice_ticks(0.981, 0.998)[0] >= 0.981
     pts = [(0, 0.9, 0.998), (1, 0.73, 0.993), (2, 0.6, 0.981), (3, 0.78, 0.985)]
     assert [p[0] for p in pareto_front(pts)] == [2, 1, 0]
+
+
+def _chromium() -> str | None:
+    import shutil
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium on this machine (apt install chromium) to render "
+                                                 "the HTML report headless")
+def test_html_renders_headless_in_chromium_with_its_charts(tmp_path: Path) -> None:
+    """The saved report opens in a real browser without a network: Chromium renders it headless
+    (a DOM dump and a screenshot) and the rendered DOM holds both charts with drawn marks."""
+    import subprocess
+    path = filled().save(tmp_path / "report.html")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([_chromium(), *flags, "--dump-dom", path.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    for chart in ("chart-tokens", "chart-pareto"):
+        svg = re.search(rf'<svg id="{chart}".*?</svg>', dom, re.S)
+        assert svg is not None, f"{chart} missing from the rendered DOM"
+        assert re.search(r"<(path|polyline|circle|rect)\b", svg.group(0)), f"{chart} has no drawn marks"
+    shot = tmp_path / "shot.png"
+    subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2000", path.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000        # a page with content, not a blank frame
