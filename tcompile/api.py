@@ -13,7 +13,7 @@ import torch
 from tcompile.analysis.attention import require_attention
 from tcompile.artifact import versions
 from tcompile.budget import Budget
-from tcompile.errors import PassOptionError
+from tcompile.errors import BudgetError, PassOptionError
 from tcompile.capture import capture, normalize_inputs
 from tcompile.cost import get_profile, measure_latency, predict_latency
 from tcompile.fidelity import output_cosine, token_mask_of
@@ -37,6 +37,20 @@ def _batches(calibration: Any, example_inputs: Any) -> list[tuple[tuple, dict]]:
     if single:  # one batch given directly rather than a list of batches
         return [normalize_inputs(calibration)]
     return [normalize_inputs(b) for b in calibration]
+
+
+def _check_calibration(baseline: Any, batches: list[tuple[tuple, dict]]) -> None:
+    """Each calibration batch must run through the captured model: a wrong shape or key fails
+    here, naming the batch, not deep inside the planner."""
+    expected = input_specs(baseline.example_args, baseline.example_kwargs)
+    with torch.no_grad():
+        for i, (args, kwargs) in enumerate(batches):
+            try:
+                baseline.gm(*args, **kwargs)
+            except Exception as exc:  # any failure of the user's batch is a bad calibration set
+                raise ValueError(f"calibration batch {i} does not fit the model's inputs {expected}: "
+                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; pass "
+                                 "batches shaped like the example inputs") from exc
 
 
 def fidelity_on(reference: Callable[..., Any], candidate: Callable[..., Any],
@@ -67,6 +81,9 @@ def optimize(model: torch.nn.Module, budget: Any = None, example_inputs: Any = N
     budget_obj = Budget.parse(budget)
     specs = as_specs(passes)
     _refuse_lm_only_passes(model, specs)
+    if budget_obj is not None and budget_obj.kv_cache is not None:
+        raise BudgetError(f"budget kv_cache={budget_obj.kv_cache} applies to causal LMs, and "
+                          f"{type(model).__name__} has no KV cache; use flops=, latency= or memory= for encoders")
     profile = get_profile(target)
     if isinstance(calibration, (list, tuple)) and len(calibration) == 0:
         raise ValueError("calibration is empty; pass at least one batch of inputs, or None for the example inputs")
@@ -80,6 +97,7 @@ def optimize(model: torch.nn.Module, budget: Any = None, example_inputs: Any = N
             require_attention(baseline)
     batches = _batches(calibration, (baseline.example_args, baseline.example_kwargs)
                        if baseline.example_args else baseline.example_kwargs)
+    _check_calibration(baseline, batches)
     notes: list[str] = []
     with stages.stage("plan"):
         specs, budget_obj, candidates = _plan(specs, budget_obj, baseline, profile, batches, repeats, time_limit,

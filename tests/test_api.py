@@ -133,3 +133,11 @@ def test_export_refuses_to_overwrite_foreign_directory(vit_model, vit_inputs, tm
     with pytest.raises(ArtifactError, match="not a tcompile artifact"):
         opt.export(tmp_path)
     assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_kv_budget_on_an_encoder_and_bad_calibration_batches(vit_model, vit_inputs):
+    with pytest.raises(BudgetError, match="applies to causal LMs"):
+        tcompile.optimize(vit_model, budget="kv_cache=0.5", example_inputs=vit_inputs)
+    wrong = {"pixel_values": vit_inputs["pixel_values"][:, :, :16, :16]}
+    with pytest.raises(ValueError, match="calibration batch 1 does not fit the model's inputs"):
+        tcompile.optimize(vit_model, budget="flops=0.7", example_inputs=vit_inputs, calibration=[vit_inputs, wrong])

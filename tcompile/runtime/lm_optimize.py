@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from tcompile.artifact import staged_directory, versions, write_manifest
 from tcompile.budget import Budget
-from tcompile.errors import ArtifactError, BackendUnavailableError, PassOptionError, TCompileError
+from tcompile.errors import BudgetError, ArtifactError, BackendUnavailableError, PassOptionError, TCompileError
 from tcompile.pass_manager import PassManager
 from tcompile.passes.kv_eviction import POLICIES, is_kv_pass, make_policy
 from tcompile.registry import PassSpec, as_specs, format_pipeline
@@ -167,11 +167,39 @@ def logit_fidelity(reference: LMRuntime, candidate: LMRuntime, calibration: list
     return sum(cosines) / len(cosines), sum(agree) / len(agree)
 
 
+def _calibration_ids(calibration: Any) -> list[torch.Tensor] | None:
+    """Calibration text as a list of 1-D token id tensors, checked: empty sets and non-id tensors
+    fail here with the batch named."""
+    if calibration is None:
+        return None
+    items = calibration if isinstance(calibration, (list, tuple)) else [calibration]
+    if not items:
+        raise ValueError("calibration is empty; pass a list of token id tensors (a few hundred tokens of "
+                         "representative text each), or None")
+    out = []
+    for i, item in enumerate(items):
+        ids = item if isinstance(item, torch.Tensor) else torch.as_tensor(item)
+        if ids.dtype not in (torch.long, torch.int) or ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1):
+            raise ValueError(f"calibration[{i}] must be the token ids of one text (an integer tensor [tokens] or "
+                             f"[1, tokens]), got {ids.dtype} of shape {tuple(ids.shape)}")
+        if ids.numel() < 64:
+            raise ValueError(f"calibration[{i}] has {ids.numel()} tokens; give at least 64 (the last 32 are "
+                             "teacher-forced against the full model)")
+        out.append(ids.reshape(-1).long())
+    return out
+
+
 def optimize_lm(model: torch.nn.Module, budget: Any = None, passes: Any = None, backend: str = "eager",
                 calibration: Any = None, name: str | None = None) -> OptimizedLM:
     check_lm_backend(backend)            # fail before the capture work
     budget_obj = Budget.parse(budget)
     specs = as_specs(passes)
+    unsupported = sorted(k for k in (budget_obj.cost_fields if budget_obj else {}) if k != "kv_cache")
+    if unsupported and specs is None:
+        raise BudgetError(f"budget field(s) {unsupported} are not planned for causal LMs in this version (the LM "
+                          "planner chooses a KV policy for kv_cache=, with quality=); set kv_cache=... or choose "
+                          "the pipeline with passes=")
+    calibration = _calibration_ids(calibration)
     program = capture_lm(model, name)
     notes: list[str] = []
     candidates: list[CandidateRecord] = []
@@ -196,8 +224,7 @@ def _plan(program: LMProgram, budget: Budget | None, calibration: Any, notes: li
     if calibration is None:
         raise TCompileError("Budget(kv_cache=...) needs calibration text to choose a KV policy: pass "
                             "calibration=[token ids tensor, ...] (a few hundred tokens of representative text each)")
-    batches = [c if isinstance(c, torch.Tensor) else torch.as_tensor(c) for c in
-               (calibration if isinstance(calibration, (list, tuple)) else [calibration])]
+    batches = calibration
     reference, _ = runtime_for(program, [])
     candidates, best = [], None
     for pass_name, options in PLAN_CANDIDATES:

@@ -105,6 +105,17 @@ def test_kv_cache_budget_plans_among_policies(llama):
         tcompile.optimize(llama, budget="kv_cache=0.5")
 
 
+@pytest.mark.parametrize("budget, calibration, message", [
+    ("kv_cache=0.5", [], "calibration is empty"),
+    ("kv_cache=0.5", [torch.randn(3, 4)], r"calibration\[0\] must be the token ids"),
+    ("kv_cache=0.5", [torch.arange(10)], r"calibration\[0\] has 10 tokens"),
+    ("latency=0.5", None, r"\['latency'\] are not planned for causal LMs"),
+])
+def test_lm_budget_and_calibration_errors(llama, budget, calibration, message):
+    with pytest.raises((tcompile.TCompileError, ValueError), match=message):
+        tcompile.optimize(llama, budget=budget, calibration=calibration)
+
+
 def test_kv_pass_on_an_encoder_is_an_error():
     from tcompile.models.vision import tiny_bert
     inputs = {"input_ids": torch.randint(0, 128, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
