@@ -47,6 +47,7 @@ def main() -> None:
                           rounds=args.rounds)
         print(result.table(), flush=True)
         payload["parts"]["vit_b16_batch8"] = result.to_dict()
+        save("cost_validation", payload)
     if {"prefill", "decode"} & set(args.parts):
         from tcompile.models.lm import load_smollm2
         from tcompile.runtime import capture_lm
@@ -57,6 +58,7 @@ def main() -> None:
                                   rounds=args.rounds if part == "prefill" else 4 * args.rounds)
                 print(result.table(), flush=True)
                 payload["parts"][f"smollm2_{part}_{tokens}"] = result.to_dict()
+                save("cost_validation", payload)          # each part as soon as it is measured
     payload["seconds"] = time.perf_counter() - started
     print("wrote", save("cost_validation", payload))
 

@@ -4,8 +4,10 @@ The planner prunes candidates by predicted latency, so what matters most is that
 *ranks* configurations as the clock does (Spearman's rho) and, for budgets stated as ratios, that
 its absolute figures are near (median relative error). ``validate`` runs both sides the same
 way: the rewritten graph of each configuration is priced by :func:`predict_latency` at the
-measured shapes, and timed with interleaved rounds (one call of each configuration per round,
-medians), so a machine that slows down mid-run slows every configuration alike.
+measured shapes, and timed: encoder configurations in interleaved rounds (one call of each per
+round, medians), so a machine that slows down mid-run slows every configuration alike; causal-LM
+configurations one after another (each holds its own rewritten graphs and KV cache, too much
+memory to keep ten alive at once), ``rounds`` calls each, medians.
 
 Phases: an encoder's forward on its example inputs; a causal LM's ``prefill`` of a ``tokens``-long
 prompt (GemFilter's filter graph included where the pipeline prunes the prompt) or one ``decode``
@@ -173,21 +175,34 @@ def validate(model: Any, configs: Sequence[str | Sequence[PassSpec]], example_in
         from tcompile.capture import capture
         from tcompile.program import Program
         program = model if isinstance(model, Program) else capture(model, example_inputs)
-    cases: list[tuple[str, float, Callable[[], Any]]] = []
-    for config in configs:
+    def build(config: str | Sequence[PassSpec]) -> tuple[str, float, Callable[[], Any]]:
         specs = _specs(config)
-        pred, fn = (_lm_case(program, specs, phase, tokens, prof) if is_lm
-                    else _forward_case(program, specs, prof))
-        cases.append((format_pipeline(specs), pred, fn))
-    times: list[list[float]] = [[] for _ in cases]
+        pred, fn = _lm_case(program, specs, phase, tokens, prof) if is_lm else _forward_case(program, specs, prof)
+        return format_pipeline(specs), pred, fn
+
+    def timed(fn: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
     with torch.no_grad():
-        for _, _, fn in cases:
-            for _ in range(warmup):
-                fn()
-        for _ in range(rounds):
-            for i, (_, _, fn) in enumerate(cases):
-                t0 = time.perf_counter()
-                fn()
-                times[i].append(time.perf_counter() - t0)
-    rows = [ConfigResult(name, pred, statistics.median(t), t) for (name, pred, _), t in zip(cases, times)]
+        if is_lm:   # each LM configuration holds its own rewritten graphs and cache: one at a time
+            results = []
+            for config in configs:
+                name, pred, fn = build(config)
+                for _ in range(warmup):
+                    fn()
+                results.append((name, pred, [timed(fn) for _ in range(rounds)]))
+                del fn
+        else:       # interleaved rounds: a machine that slows down mid-run slows every configuration alike
+            cases = [build(config) for config in configs]
+            for _, _, fn in cases:
+                for _ in range(warmup):
+                    fn()
+            times: list[list[float]] = [[] for _ in cases]
+            for _ in range(rounds):
+                for i, (_, _, fn) in enumerate(cases):
+                    times[i].append(timed(fn))
+            results = [(name, pred, t) for (name, pred, _), t in zip(cases, times)]
+    rows = [ConfigResult(name, pred, statistics.median(t), t) for name, pred, t in results]
     return Validation(phase, prof.name, rows)
