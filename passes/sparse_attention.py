@@ -63,8 +63,9 @@ class SparseAttentionOptions:
     block: int = 64                   # query/key block size (a power of two >= 16: the kernels' tiles)
     sinks: int = 64                   # first tokens always attended (vertical columns / sink blocks)
     window: int = 64                  # nearest tokens always attended, self included (diagonals / local blocks)
-    last_q: int = 256                 # queries whose attention estimates vertical_slash (MInference: 64 at
-                                      # 100k+ tokens; on SmolLM2 at 4k, 64 cost +8.0% perplexity, 256 +4.8%)
+    last_q: int = 64                  # queries whose attention estimates vertical_slash (MInference's 64;
+                                      # SmolLM2 at 4k: +8.0% perplexity, last_q=256: +4.8% but the estimate
+                                      # then costs about as much as 10% of the attention at 8k)
     recall: float = 0.95              # auto: least share of dense attention mass a pattern must keep
     min_tokens: int | None = None     # shorter rows run dense; None: 4 blocks
     tiles: bool = True                # vertical_slash: attend every causal key of the diagonals' key ranges
