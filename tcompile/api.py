@@ -13,7 +13,7 @@ import torch
 from tcompile.analysis.attention import require_attention
 from tcompile.artifact import versions
 from tcompile.budget import Budget
-from tcompile.errors import PassOptionError
+from tcompile.errors import BackendUnavailableError, PassOptionError
 from tcompile.capture import capture, normalize_inputs
 from tcompile.cost import get_profile, measure_latency, predict_latency
 from tcompile.fidelity import output_cosine, token_mask_of
@@ -88,11 +88,18 @@ def optimize(model: torch.nn.Module, budget: Any = None, example_inputs: Any = N
         program, records = PassManager(verify=verify, instruments=list(instruments or []),
                                        target=str(target)).run(baseline, specs)
     pipeline = format_pipeline(specs)
+    capability = backend_impl.capability(program.gm)
+    if capability.unsupported:
+        raise BackendUnavailableError(
+            f"backend {backend!r} cannot take {', '.join(capability.unsupported)} (no translation for these "
+            f"custom ops; pipeline {format_pipeline(specs)!r}); use backend='inductor', 'aot' or 'eager', which "
+            "run them, or drop the pass that inserts them")
     with stages.stage("lower"):
         workdir = Path(tempfile.mkdtemp(prefix="tcompile-"))  # engine files live as long as the runner
         runner = backend_impl.lower(program.gm, program.example_args, program.example_kwargs, workdir)
         weakref.finalize(runner, shutil.rmtree, workdir, True)
     report = _report(baseline, program, records, pipeline, budget_obj, target, backend, profile, notes, candidates)
+    report.lowering = capability.to_dict()
     with stages.stage("measure"):
         if measure:
             _measure(report, baseline, runner, batches, repeats)
