@@ -108,7 +108,15 @@ def optimize(model: torch.nn.Module, budget: Any = None, example_inputs: Any = N
     return OptimizedModel(runner, report, backend=backend, pipeline=pipeline,
                           budget=budget_obj.to_dict() if budget_obj else None,
                           inputs=input_specs(program.example_args, program.example_kwargs),
-                          model_name=baseline.model_name)
+                          model_name=baseline.model_name, device=_device_type(program, backend))
+
+
+def _device_type(program: Program, backend: str) -> str:
+    """The device the engine runs on: CUDA for TensorRT, else that of the example inputs."""
+    if backend == "tensorrt":
+        return "cuda"
+    tensors = [t for t in list(program.example_args) + list(program.example_kwargs.values()) if isinstance(t, torch.Tensor)]
+    return tensors[0].device.type if tensors else "cpu"
 
 
 def _refuse_lm_only_passes(model: Any, specs: list | None) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tcompile.artifact import staged_directory, versions, write_manifest
+from tcompile.artifact import compatibility, staged_directory, versions, write_manifest
 from tcompile.budget import Budget
 from tcompile.errors import ArtifactError, BackendUnavailableError, PassOptionError, TCompileError
 from tcompile.pass_manager import PassManager
@@ -77,7 +77,8 @@ class OptimizedLM:
                 files.append(f"report.{suffix}")
             write_manifest(staging, files, {"kind": KIND, "model": self.model_name, "backend": self.backend,
                                             "pipeline": self.pipeline, "budget": self.budget,
-                                            "target": self.report.target, "requires_torch_match": True})
+                                            "target": self.report.target, "requires_torch_match": True,
+                                            **compatibility(self.backend)})
         return path
 
     def __repr__(self) -> str:
