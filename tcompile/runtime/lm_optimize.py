@@ -67,9 +67,13 @@ class OptimizedLM:
         with torch.no_grad():
             return self.runtime.prefill_fn(ids, mask)[0]
 
-    def export(self, path: str | Path) -> Path:
+    def export(self, path: str | Path, layout: str = "artifact") -> Path:
         """Write an artifact that ``tcompile.load`` turns back into an OptimizedLM (no model needed)."""
         from tcompile.runtime.lm_artifact import KIND, save_lm
+        if layout != "artifact":
+            raise ArtifactError(f"layout {layout!r} is not available for causal LMs: generation is a loop of prefill "
+                                "and decode steps driven by tcompile's runtime, not one engine a server can batch; "
+                                "export with layout='artifact' and serve it with tcompile.load")
         if self._example_args is None:
             raise TCompileError(f"{self.model_name} was loaded from an artifact; copy that directory instead "
                                 "of exporting it again")
