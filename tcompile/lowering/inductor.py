@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 PROGRAM_FILE = "program.pt2"
 OPTIONS_FILE = "inductor.json"
+DEFAULT_OPTIONS: dict[str, Any] = {}
 
 
 def export_dynamic_batch(module: torch.nn.Module, args: tuple, kwargs: dict, what: str) -> Any:
@@ -55,9 +56,12 @@ class InductorModule:
 
     backend = "inductor"
 
-    def __init__(self, program: Any, *, mode: str | None = None, dynamic: bool | None = None) -> None:
+    def __init__(self, program: Any, *, mode: str | None = None, dynamic: bool | None = None,
+                 options: dict[str, Any] | None = None) -> None:
         self.program, self.mode, self.dynamic = program, mode, dynamic
-        self.compiled = torch.compile(program.module(), backend="inductor", mode=mode, dynamic=dynamic)
+        self.options = dict(DEFAULT_OPTIONS if options is None else options)
+        self.compiled = torch.compile(program.module(), backend="inductor", mode=mode, dynamic=dynamic,
+                                      options=self.options or None)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
@@ -67,7 +71,8 @@ class InductorModule:
         """Write ``program.pt2`` and ``inductor.json`` (the compile options) into ``directory``."""
         directory = Path(directory)
         torch.export.save(self.program, str(directory / PROGRAM_FILE))
-        atomic_write_text(directory / OPTIONS_FILE, json.dumps({"mode": self.mode, "dynamic": self.dynamic}) + "\n")
+        atomic_write_text(directory / OPTIONS_FILE, json.dumps({"mode": self.mode, "dynamic": self.dynamic,
+                                                                 "options": self.options}) + "\n")
         return [PROGRAM_FILE, OPTIONS_FILE]
 
     @classmethod
@@ -79,12 +84,13 @@ class InductorModule:
         except (OSError, json.JSONDecodeError) as exc:
             raise ArtifactError(f"{directory / OPTIONS_FILE} is missing or unreadable ({exc}); re-export") from exc
         program = torch.export.load(str(directory / PROGRAM_FILE))
-        return cls(program, mode=options.get("mode"), dynamic=options.get("dynamic"))
+        return cls(program, mode=options.get("mode"), dynamic=options.get("dynamic"), options=options.get("options"))
 
 
 def lower_inductor(module: torch.nn.Module, args: tuple, kwargs: dict, workdir: Path | None = None, *,
-                   mode: str | None = None, dynamic: bool | None = None) -> InductorModule:
+                   mode: str | None = None, dynamic: bool | None = None,
+                   options: dict[str, Any] | None = None) -> InductorModule:
     """Re-export ``module`` with a dynamic batch and ``torch.compile`` it (compiled lazily, on the first call)."""
     program = export_dynamic_batch(module, args, kwargs, "inductor")
-    logger.info("inductor: compiling the rewritten program (mode=%s, dynamic=%s)", mode, dynamic)
-    return InductorModule(program, mode=mode, dynamic=dynamic)
+    logger.info("inductor: compiling the rewritten program (mode=%s, dynamic=%s, options=%s)", mode, dynamic, options)
+    return InductorModule(program, mode=mode, dynamic=dynamic, options=options)

@@ -59,6 +59,8 @@ def test_round_trip_and_manifest(exported, x2) -> None:
     assert ("onnxruntime" in m["requires"]) == (opt.backend == "onnxruntime")
     assert ("torch" in m["requires"]) == (opt.backend != "onnxruntime")
     assert m["lowering"]["backend"] == opt.backend and "versions" in m
+    assert f"lowering: {opt.backend}: " in opt.report.summary() and "no fallbacks" in opt.report.summary()
+    assert "## Lowering" in (path / "report.md").read_text()
     again = tcompile.load(path)
     x3 = {"pixel_values": torch.randn(3, 3, 16, 16)}
     with torch.no_grad():
