@@ -148,3 +148,23 @@ def append_graph_outputs(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -
     if info is not None:
         codegen.pytree_info = info._replace(out_spec=new_spec)
     gm.recompile()
+
+
+def op_name(target: Any) -> str | None:
+    """``namespace::name`` of an ``OpOverload``/``OpOverloadPacket`` graph target, else None."""
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return target.name() if isinstance(target, torch._ops.OpOverload) else f"{target._qualified_op_name}"
+    return None
+
+
+def aoti_compile_and_package(program: Any, package_path: str, options: dict | None = None) -> str:
+    """AOTInductor: compile an ExportedProgram into a ``.pt2`` package (torch._inductor API)."""
+    import torch._inductor
+    return torch._inductor.aoti_compile_and_package(program, package_path=package_path,
+                                                     inductor_configs=options or {})
+
+
+def aoti_load_package(path: str) -> Any:
+    """Load an AOTInductor ``.pt2`` package as a callable (torch._inductor API)."""
+    import torch._inductor
+    return torch._inductor.aoti_load_package(path)

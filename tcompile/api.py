@@ -13,7 +13,7 @@ import torch
 from tcompile.analysis.attention import require_attention
 from tcompile.artifact import versions
 from tcompile.budget import Budget
-from tcompile.errors import BudgetError, PassOptionError
+from tcompile.errors import BackendUnavailableError, BudgetError, PassOptionError
 from tcompile.capture import capture, normalize_inputs
 from tcompile.cost import get_profile, measure_latency, predict_latency
 from tcompile.fidelity import output_cosine, token_mask_of
@@ -106,11 +106,18 @@ def optimize(model: torch.nn.Module, budget: Any = None, example_inputs: Any = N
         program, records = PassManager(verify=verify, instruments=list(instruments or []),
                                        target=str(target)).run(baseline, specs)
     pipeline = format_pipeline(specs)
+    capability = backend_impl.capability(program.gm)
+    if capability.unsupported:
+        raise BackendUnavailableError(
+            f"backend {backend!r} cannot take {', '.join(capability.unsupported)} (no translation for these "
+            f"custom ops; pipeline {format_pipeline(specs)!r}); use backend='inductor', 'aot' or 'eager', which "
+            "run them, or drop the pass that inserts them")
     with stages.stage("lower"):
         workdir = Path(tempfile.mkdtemp(prefix="tcompile-"))  # engine files live as long as the runner
         runner = backend_impl.lower(program.gm, program.example_args, program.example_kwargs, workdir)
         weakref.finalize(runner, shutil.rmtree, workdir, True)
     report = _report(baseline, program, records, pipeline, budget_obj, target, backend, profile, notes, candidates)
+    report.lowering = capability.to_dict()
     with stages.stage("measure"):
         if measure:
             _measure(report, baseline, runner, batches, repeats)
@@ -119,7 +126,15 @@ def optimize(model: torch.nn.Module, budget: Any = None, example_inputs: Any = N
     return OptimizedModel(runner, report, backend=backend, pipeline=pipeline,
                           budget=budget_obj.to_dict() if budget_obj else None,
                           inputs=input_specs(program.example_args, program.example_kwargs),
-                          model_name=baseline.model_name)
+                          model_name=baseline.model_name, device=_device_type(program, backend))
+
+
+def _device_type(program: Program, backend: str) -> str:
+    """The device the engine runs on: CUDA for TensorRT, else that of the example inputs."""
+    if backend == "tensorrt":
+        return "cuda"
+    tensors = [t for t in list(program.example_args) + list(program.example_kwargs.values()) if isinstance(t, torch.Tensor)]
+    return tensors[0].device.type if tensors else "cpu"
 
 
 def _refuse_lm_only_passes(model: Any, specs: list | None) -> None:

@@ -186,6 +186,8 @@ def read_manifest(directory: Path, *, verify: bool = True) -> dict:
     if verify:
         _verify_files(directory, files)
         _verify_torch(manifest)
+        _verify_requires(manifest)
+        _verify_device(manifest)
     return manifest
 
 
@@ -220,3 +222,84 @@ def _verify_torch(manifest: dict) -> None:
             f"{torch.__version__} is running; install torch {recorded} to load it, or re-export "
             f"the artifact with torch {torch.__version__}"
         )
+
+
+# What each backend's files need to load. torch-serialized programs (ExportedPrograms, PT2
+# archives, AOTInductor packages, torch-tensorrt programs) need the torch major.minor that wrote
+# them. ONNX files are forward compatible: a newer onnxruntime runs them, an older one may lack
+# their opset, so onnxruntime is a minimum.
+_TORCH_BACKENDS = ("eager", "inductor", "aot", "tensorrt")
+# Backends whose files are machine code for one device: an AOTInductor .so for one CPU
+# architecture (or GPU), a TensorRT plan for one GPU compute capability.
+_DEVICE_BOUND = ("aot", "tensorrt")
+
+
+def device_info(device: str = "cpu") -> dict[str, Any]:
+    """The device an artifact was built for: type, CPU architecture, GPU name and compute capability."""
+    import torch
+
+    info: dict[str, Any] = {"type": device, "arch": platform.machine()}
+    if device == "cuda" and torch.cuda.is_available():
+        info["name"] = torch.cuda.get_device_name()
+        info["capability"] = "{}.{}".format(*torch.cuda.get_device_capability())
+    return info
+
+
+def compatibility(backend: str, device: str = "cpu") -> dict[str, Any]:
+    """Manifest entries that :func:`read_manifest` checks: ``requires``, ``device``, ``device_bound``."""
+    found = versions()
+    requires: dict[str, str] = {}
+    if backend in _TORCH_BACKENDS:
+        requires["torch"] = _major_minor(found["torch"])
+    if backend == "onnxruntime" and "onnxruntime" in found:
+        requires["onnxruntime"] = ">=" + _major_minor(found["onnxruntime"])
+    return {"requires": requires, "device": device_info(device), "device_bound": backend in _DEVICE_BOUND}
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in _major_minor(text).split(".") if p.isdigit())
+
+
+def _verify_requires(manifest: dict) -> None:
+    """Each required package is installed at the version the manifest asks for."""
+    requires = manifest.get("requires") or {}
+    if not isinstance(requires, dict):
+        raise ArtifactError(f"{MANIFEST} has a malformed 'requires' entry {requires!r}; re-export the artifact")
+    backend = manifest.get("backend", "?")
+    for package, wanted in requires.items():
+        running = versions().get(package)
+        minimum = str(wanted).startswith(">=")
+        target = str(wanted).removeprefix(">=")
+        if running is None:
+            raise ArtifactError(f"this {backend} artifact needs {package} {wanted}, which is not installed; "
+                                f"install it (pip install '{package}=={target}.*') to load the artifact")
+        ok = (_version_tuple(running) >= _version_tuple(target)) if minimum else (_major_minor(running) == target)
+        if not ok:
+            need = f"{package} {target} or newer" if minimum else f"{package} {target}.x"
+            raise ArtifactError(
+                f"version mismatch: this {backend} artifact was written by {package} "
+                f"{manifest.get('versions', {}).get(package, target)} and needs {need}, but {package} {running} "
+                f"is installed; install {need} (pip install '{package}{'>=' if minimum else '=='}{target}"
+                f"{'' if minimum else '.*'}') or re-export the artifact with this environment")
+
+
+def _verify_device(manifest: dict) -> None:
+    """Device-bound engines (AOTInductor code, TensorRT plans) load only where they were built for."""
+    recorded = manifest.get("device")
+    if not manifest.get("device_bound") or not isinstance(recorded, dict):
+        return
+    backend = manifest.get("backend", "?")
+    here = device_info(recorded.get("type", "cpu"))
+    if recorded.get("type") == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ArtifactError(f"this {backend} artifact was built for a CUDA GPU ({recorded.get('name', '?')}), "
+                                "but torch sees no CUDA device here; load it on a CUDA machine or re-export for CPU")
+        if recorded.get("capability") and recorded.get("capability") != here.get("capability"):
+            raise ArtifactError(
+                f"this {backend} artifact was built for GPU compute capability {recorded['capability']} "
+                f"({recorded.get('name', '?')}), but this GPU is {here.get('capability')} ({here.get('name')}); "
+                "engines are specific to the GPU generation: re-export the artifact on this GPU")
+    if recorded.get("arch") and recorded["arch"] != here["arch"]:
+        raise ArtifactError(f"this {backend} artifact holds machine code for {recorded['arch']}, but this machine "
+                            f"is {here['arch']}; re-export the artifact on a {here['arch']} machine")

@@ -46,11 +46,14 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
                             target=args.target, backend=args.backend, passes=args.passes, repeats=args.repeats,
                             name=name, progress=not args.quiet,
                             instruments=[IRDumpInstrument(args.dump_ir)] if args.dump_ir else None)
-    out = opt.export(args.out)
+    out = opt.export(args.out) if args.layout == "artifact" else opt.export(args.out, layout=args.layout)
     print(opt.report.summary())
     if hasattr(opt, "generate") and isinstance(example, dict) and "input_ids" in example and tokenizer is not None:
         _show_generation(opt, example["input_ids"][:1], tokenizer)
-    print(f"\nartifact: {out}  (report: {out / 'report.html'}, {out / 'report.json'})")
+    if args.layout == "artifact":
+        print(f"\nartifact: {out}  (report: {out / 'report.html'}, {out / 'report.json'})")
+    else:
+        print(f"\nTriton model repository: {out.parent} (model {out.name}; tritonserver --model-repository {out.parent})")
     return 0
 
 
@@ -104,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("model", help="zoo name, transformers model directory, or module:factory")
     o.add_argument("--budget", default=None, help="e.g. 'flops=0.7' or 'latency=0.5,quality=0.99'")
     o.add_argument("--passes", default=None, help="force a pipeline, e.g. 'token_merging{r=8}'; '' for none")
-    o.add_argument("--backend", default="eager", help="eager | onnxruntime")
+    o.add_argument("--backend", default="eager", help="eager | inductor | aot | onnxruntime | tensorrt")
+    o.add_argument("--layout", default="artifact", choices=["artifact", "triton-server"],
+                   help="artifact: for tcompile.load; triton-server: a Triton model repository (onnxruntime/tensorrt)")
     o.add_argument("--target", default="cpu", help="cpu | cuda | h100 | h200 | a100 | l4")
     o.add_argument("--batch", type=int, default=8, help="batch of the example inputs (zoo models)")
     o.add_argument("--repeats", type=int, default=5, help="timed repetitions per latency measurement")

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Sequence
 
 from tcompile.report.report import (
     Report, compact_tokens, format_fidelity, format_flops, format_mapping, format_seconds,
-    format_value, key_figures, latency_part, number, ratio)
+    format_value, key_figures, latency_part, lowering_text, number, ratio)
 
 
 def _cell(x: Any) -> str:
@@ -122,6 +122,9 @@ def render_markdown(report: Report) -> str:
         md += _table(["#", "", "pipeline", "FLOPs ratio", "pred. latency ratio",
                       "meas. latency ratio", "fidelity", "note"], rows,
                      numeric=(0, 3, 4, 5, 6), raw=(1, 2))
+
+    if r.lowering:
+        md += ["## Lowering", "", f"- {_text(lowering_text(r.lowering))}", ""]
 
     for title, mapping in (("Device", r.device), ("Versions", r.versions)):
         md += [f"## {title}", ""]

@@ -79,6 +79,8 @@ class Report:
     device: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # backend capability: ops run in the engine, fallbacks (outside it), unsupported, partitions
+    lowering: dict[str, Any] = field(default_factory=dict)
     created: str = ""
 
     def __post_init__(self) -> None:
@@ -191,6 +193,8 @@ class Report:
                     c.flops_ratio, c.predicted_latency_ratio, c.measured_latency_ratio, c.fidelity))
                 note = f"  ({c.note})" if c.note else ""
                 out.append(f"  {'*' if c.chosen else ' '} {nums}  {c.pipeline}{note}")
+        if self.lowering:
+            out.append(f"lowering: {lowering_text(self.lowering)}")
         if self.device:
             out.append(f"device: {format_mapping(self.device, limit=6)}")
         if self.notes:
@@ -297,3 +301,16 @@ def key_figures(report: Report) -> dict[str, Any]:
         if s is not None:
             return {**figs, "speedup": s, "speedup_source": kind}
     return figs
+
+
+def lowering_text(lowering: dict[str, Any]) -> str:
+    """One line: engine partitions, and the ops run outside the engine (or refused)."""
+    text = (f"{lowering.get('backend', '?')}: {lowering.get('engine_ops', 0)} ops in "
+            f"{lowering.get('partitions', 0)} engine partition(s)")
+    if lowering.get("fallbacks"):
+        text += f"; fallbacks (run in PyTorch): {', '.join(lowering['fallbacks'])}"
+    else:
+        text += "; no fallbacks"
+    if lowering.get("unsupported"):
+        text += f"; unsupported: {', '.join(lowering['unsupported'])}"
+    return text

@@ -179,6 +179,7 @@ class LMRuntime:
         ``prompt_filter`` prunes long prompts before prefill (GemFilter)."""
         self.prefill_fn, self.decode_fn, self.spec, self.policy = prefill, decode, spec, policy
         self.decode_graph = decode if decode_graph is None else decode_graph
+        self.prefill_graph = prefill   # the torch graph, kept for export when prefill_fn becomes an engine
         self.prompt_filter = prompt_filter
         self.last_stats = GenerationStats()
 

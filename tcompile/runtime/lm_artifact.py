@@ -37,7 +37,7 @@ def save_lm(runtime: LMRuntime, prefill_args: tuple, decode_args: tuple, pipelin
     """Write the programs and ``lm.json`` into ``directory``; returns the file names."""
     from torch.export.pt2_archive._package import package_pt2
     n_kv = 2 * runtime.spec.num_layers
-    programs = {"prefill": _reexport(runtime.prefill_fn, prefill_args, prefill_dynamic_shapes(), "prefill"),
+    programs = {"prefill": _reexport(runtime.prefill_graph, prefill_args, prefill_dynamic_shapes(), "prefill"),
                 "decode": _reexport(runtime.decode_graph, decode_args, decode_dynamic_shapes(n_kv), "decode")}
     if runtime.prompt_filter is not None:
         programs["filter"] = _reexport(runtime.prompt_filter.fn, prefill_args, prefill_dynamic_shapes(), "filter")

@@ -8,15 +8,19 @@ calibration text is kept (fidelity: mean cosine of next-token logits, and top-1 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from tcompile.artifact import staged_directory, versions, write_manifest
+from tcompile.artifact import compatibility, staged_directory, versions, write_manifest
 from tcompile.budget import Budget
-from tcompile.errors import BudgetError, ArtifactError, BackendUnavailableError, PassOptionError, TCompileError
+from tcompile.errors import ArtifactError, BackendUnavailableError, BudgetError, PassOptionError, TCompileError
+from tcompile.lowering import get_backend
 from tcompile.pass_manager import PassManager
 from tcompile.passes.kv_eviction import POLICIES, is_kv_pass, make_policy
 from tcompile.registry import PassSpec, as_specs, format_pipeline
@@ -24,6 +28,7 @@ from tcompile.report import Report
 from tcompile.report.report import CandidateRecord
 from tcompile.runtime.generate import LMRuntime, PromptFilter
 from tcompile.runtime.lm_capture import LMProgram, capture_lm, inplace_cache_writes
+from tcompile.runtime.lm_lowering import ENGINE_FILES, attach_engines, build_engines
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +44,11 @@ class OptimizedLM:
     """A causal LM captured as prefill/decode graphs with its KV policy: ``generate``, a report, export."""
 
     def __init__(self, runtime: LMRuntime, report: Report, pipeline: str, budget: dict | None, model_name: str,
-                 example_args: tuple[tuple, tuple] | None = None, backend: str = "eager") -> None:
-        """``example_args``: (prefill args, decode args) to re-export the graphs; None for a loaded artifact."""
-        self.runtime, self.report = runtime, report
+                 example_args: tuple[tuple, tuple] | None = None, backend: str = "eager",
+                 engines: tuple[Path, list[str]] | None = None) -> None:
+        """``example_args``: (prefill args, decode args) to re-export the graphs; None for a loaded artifact.
+        ``engines``: (directory, file names) of the backend's step engines, copied into exports."""
+        self.runtime, self.report, self.engines = runtime, report, engines
         self.pipeline, self.budget, self.backend = pipeline, budget, backend
         self.model_name, self._example_args = model_name, example_args
 
@@ -60,9 +67,13 @@ class OptimizedLM:
         with torch.no_grad():
             return self.runtime.prefill_fn(ids, mask)[0]
 
-    def export(self, path: str | Path) -> Path:
+    def export(self, path: str | Path, layout: str = "artifact") -> Path:
         """Write an artifact that ``tcompile.load`` turns back into an OptimizedLM (no model needed)."""
         from tcompile.runtime.lm_artifact import KIND, save_lm
+        if layout != "artifact":
+            raise ArtifactError(f"layout {layout!r} is not available for causal LMs: generation is a loop of prefill "
+                                "and decode steps driven by tcompile's runtime, not one engine a server can batch; "
+                                "export with layout='artifact' and serve it with tcompile.load")
         if self._example_args is None:
             raise TCompileError(f"{self.model_name} was loaded from an artifact; copy that directory instead "
                                 "of exporting it again")
@@ -72,12 +83,18 @@ class OptimizedLM:
                                 "Choose an empty or new directory")
         with staged_directory(path) as staging:
             files = save_lm(self.runtime, *self._example_args, self.pipeline, staging)
+            if self.engines is not None:
+                directory, names = self.engines
+                for name in names:
+                    shutil.copy2(Path(directory) / name, staging / name)
+                files += names
             for suffix in ("json", "md", "html"):
                 self.report.save(staging / f"report.{suffix}")
                 files.append(f"report.{suffix}")
             write_manifest(staging, files, {"kind": KIND, "model": self.model_name, "backend": self.backend,
                                             "pipeline": self.pipeline, "budget": self.budget,
-                                            "target": self.report.target, "requires_torch_match": True})
+                                            "target": self.report.target, "requires_torch_match": True,
+                                            **compatibility(self.backend)})
         return path
 
     def __repr__(self) -> str:
@@ -96,29 +113,47 @@ def load_lm(path: Path, manifest: dict) -> OptimizedLM:
                             "Re-export the artifact with this version of tcompile") from exc
     report = Report.load(path) if (path / "report.json").exists() else Report(manifest.get("model", "model"), pipeline)
     backend = manifest.get("backend", "eager")
-    lower_lm(runtime, backend)
+    check_lm_backend(backend)
+    lower_lm(runtime, backend, engine_dir=path)
     return OptimizedLM(runtime, report, pipeline, manifest.get("budget"), manifest.get("model", "model"), backend=backend)
 
 
-LM_BACKENDS = ("eager", "inductor")
+LM_BACKENDS = ("eager", "inductor", "aot", "onnxruntime")
 
 
 def check_lm_backend(backend: str) -> None:
+    """Refuse a backend the LM runtime cannot drive, or one whose packages are missing (naming the extra)."""
     if backend not in LM_BACKENDS:
         raise BackendUnavailableError(f"backend {backend!r} is not available for causal LMs; choose one of "
                                       f"{LM_BACKENDS} (the generation runtime drives the prefill/decode graphs)")
+    get_backend(backend)
 
 
-def lower_lm(runtime: LMRuntime, backend: str) -> None:
-    """Lower the runtime's decode step to ``backend`` in place.
+def lower_lm(runtime: LMRuntime, backend: str, example_args: tuple[tuple, tuple] | None = None,
+             engine_dir: Path | None = None) -> tuple[Path, list[str]] | None:
+    """Lower the runtime's steps to ``backend`` in place; returns (directory, engine files) or None.
 
     ``inductor`` compiles the (in-place) decode step with ``torch.compile(dynamic=True)``: one
     compilation, on the first decode step, serves every cache size and batch; the ~2,000 small
     ops of a step fuse into a few kernels. The prefill runs once per prompt and stays eager.
+    ``aot`` and ``onnxruntime`` run both steps as engines (:mod:`tcompile.runtime.lm_lowering`):
+    built from ``example_args`` into a fresh folder, or loaded from ``engine_dir`` (an artifact).
     """
     check_lm_backend(backend)
     if backend == "inductor":
         runtime.decode_fn = torch.compile(runtime.decode_fn, dynamic=True)
+    if backend not in ENGINE_FILES:
+        return None
+    if engine_dir is None:
+        if example_args is None:
+            raise TCompileError(f"backend {backend!r} needs the example step inputs (or an artifact) to build engines")
+        engine_dir = Path(tempfile.mkdtemp(prefix="tcompile-lm-"))
+        weakref.finalize(runtime, shutil.rmtree, engine_dir, True)   # engine files live as long as the runtime
+        names = build_engines(runtime, backend, *example_args, engine_dir)
+    else:
+        names = list(ENGINE_FILES[backend])
+    attach_engines(runtime, backend, Path(engine_dir))
+    return Path(engine_dir), names
 
 
 def runtime_for(program: LMProgram, specs: list[PassSpec]) -> tuple[LMRuntime, list]:
@@ -206,13 +241,14 @@ def optimize_lm(model: torch.nn.Module, budget: Any = None, passes: Any = None, 
     if specs is None:
         specs, candidates = _plan(program, budget_obj, calibration, notes)
     runtime, records = runtime_for(program, specs)
-    lower_lm(runtime, backend)
+    example_args = (program.prefill.example_args, program.decode.example_args)
+    engines = lower_lm(runtime, backend, example_args)
     pipeline = format_pipeline(specs)
     report = Report(program.model_name, pipeline, target="cpu", backend=backend,
                     budget=budget_obj.to_dict() if budget_obj else None, passes=records, candidates=candidates,
                     versions=versions(), notes=notes)
     return OptimizedLM(runtime, report, pipeline, budget_obj.to_dict() if budget_obj else None, program.model_name,
-                       (program.prefill.example_args, program.decode.example_args), backend=backend)
+                       example_args, backend=backend, engines=engines)
 
 
 def _plan(program: LMProgram, budget: Budget | None, calibration: Any, notes: list[str]

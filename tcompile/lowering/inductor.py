@@ -1,0 +1,96 @@
+"""Backend ``inductor``: ``torch.compile`` (TorchInductor) of the rewritten graph.
+
+The rewritten GraphModule is re-exported with a dynamic batch (the same program the ``eager``
+artifact stores) and that program's module is compiled. Compiling the re-exported module, not
+the live GraphModule, means a freshly lowered model and a loaded artifact run the very same
+graph. tcompile's custom ops (``tcompile::tome_match``, the sparse-attention ops) are
+``torch.library`` ops: Inductor keeps them as opaque calls (Triton kernels on CUDA) and fuses the
+aten ops around them.
+
+Saving writes the exported program (``torch.export.save``) and the compile options; loading
+re-compiles. That is not slow the second time: Inductor's on-disk FX-graph and kernel caches
+(``TORCHINDUCTOR_CACHE_DIR``, by default under ``/tmp``) turn a repeat compile of the same graph
+into a cache hit of a few seconds. For deployment without any compile step, use ``aot``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tcompile.artifact import atomic_write_text
+from tcompile.errors import ArtifactError, CaptureError
+from tcompile.inputs import batch_inputs, call_names
+
+logger = logging.getLogger(__name__)
+
+PROGRAM_FILE = "program.pt2"
+OPTIONS_FILE = "inductor.json"
+DEFAULT_OPTIONS: dict[str, Any] = {}
+
+
+def export_dynamic_batch(module: torch.nn.Module, args: tuple, kwargs: dict, what: str) -> Any:
+    """``torch.export`` of ``module`` with the shared symbolic batch (see :mod:`tcompile.inputs`)."""
+    arg_names, kwarg_names = call_names(module, tuple(args), dict(kwargs or {}))
+    kwargs = {n: kwargs[n] for n in kwarg_names}
+    args, kwargs, shapes, _ = batch_inputs(arg_names, tuple(args), kwargs, True)
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, args, kwargs, dynamic_shapes=shapes, strict=False)
+    except Exception as exc:  # export raises many unrelated types; say which backend needed it
+        raise CaptureError(f"could not re-export the rewritten graph for the {what} backend: "
+                           f"{type(exc).__name__}: {exc}") from exc
+
+
+class InductorModule:
+    """A ``torch.compile``-d rewritten program with the original model's calling convention.
+
+    ``dynamic=None`` (the default) compiles for the shapes of the first call, which gives
+    Inductor static sizes to specialise on; a call with another batch recompiles once with a
+    symbolic batch (torch's automatic dynamic shapes). ``dynamic=True`` compiles symbolic from
+    the start (one compile, slower kernels).
+    """
+
+    backend = "inductor"
+
+    def __init__(self, program: Any, *, mode: str | None = None, dynamic: bool | None = None,
+                 options: dict[str, Any] | None = None) -> None:
+        self.program, self.mode, self.dynamic = program, mode, dynamic
+        self.options = dict(DEFAULT_OPTIONS if options is None else options)
+        self.compiled = torch.compile(program.module(), backend="inductor", mode=mode, dynamic=dynamic,
+                                      options=self.options or None)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self.compiled(*args, **kwargs)
+
+    def save(self, directory: Path) -> list[str]:
+        """Write ``program.pt2`` and ``inductor.json`` (the compile options) into ``directory``."""
+        directory = Path(directory)
+        torch.export.save(self.program, str(directory / PROGRAM_FILE))
+        atomic_write_text(directory / OPTIONS_FILE, json.dumps({"mode": self.mode, "dynamic": self.dynamic,
+                                                                 "options": self.options}) + "\n")
+        return [PROGRAM_FILE, OPTIONS_FILE]
+
+    @classmethod
+    def load(cls, directory: Path) -> "InductorModule":
+        """Re-compile the saved program (fast when Inductor's cache holds it)."""
+        directory = Path(directory)
+        try:
+            options = json.loads((directory / OPTIONS_FILE).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{directory / OPTIONS_FILE} is missing or unreadable ({exc}); re-export") from exc
+        program = torch.export.load(str(directory / PROGRAM_FILE))
+        return cls(program, mode=options.get("mode"), dynamic=options.get("dynamic"), options=options.get("options"))
+
+
+def lower_inductor(module: torch.nn.Module, args: tuple, kwargs: dict, workdir: Path | None = None, *,
+                   mode: str | None = None, dynamic: bool | None = None,
+                   options: dict[str, Any] | None = None) -> InductorModule:
+    """Re-export ``module`` with a dynamic batch and ``torch.compile`` it (compiled lazily, on the first call)."""
+    program = export_dynamic_batch(module, args, kwargs, "inductor")
+    logger.info("inductor: compiling the rewritten program (mode=%s, dynamic=%s, options=%s)", mode, dynamic, options)
+    return InductorModule(program, mode=mode, dynamic=dynamic, options=options)

@@ -1,0 +1,66 @@
+"""Causal-LM backends ``aot`` and ``onnxruntime``: prefill and decode run as engines, the runtime
+drives them; greedy tokens equal eager's, and artifacts round-trip with their engine files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tcompile
+from tcompile.errors import ArtifactError, BackendUnavailableError
+
+PIPE = "kv_h2o{tokens=8}"   # eviction adds score outputs to both steps: the engines must carry them
+
+
+@pytest.fixture(scope="module")
+def eager(llama):
+    return tcompile.optimize(llama, passes=PIPE)
+
+
+@pytest.fixture(scope="module", params=["onnxruntime", "aot"])
+def lowered(request, llama):
+    if request.param == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    return tcompile.optimize(llama, passes=PIPE, backend=request.param)
+
+
+def test_greedy_tokens_equal_eager(lowered, eager, prompts) -> None:
+    ids, mask = prompts
+    want = eager.generate(ids, mask, max_new_tokens=12)
+    got = lowered.generate(ids, mask, max_new_tokens=12)
+    assert torch.equal(got, want)
+    assert lowered.last_stats.peak_cache_entries == 8
+    with torch.no_grad():   # the prefill logits themselves
+        assert (lowered(ids, mask) - eager(ids, mask)).abs().max().item() <= 1e-4
+
+
+def test_artifact_round_trip(lowered, prompts, tmp_path) -> None:
+    ids, mask = prompts
+    path = lowered.export(tmp_path / "art")
+    manifest = json.loads((path / "manifest.json").read_text())
+    engines = {"aot": ["lm_prefill.pt2", "lm_decode.pt2"], "onnxruntime": ["lm_prefill.onnx", "lm_decode.onnx"]}
+    assert set(engines[lowered.backend]) <= set(manifest["files"]) and manifest["backend"] == lowered.backend
+    loaded = tcompile.load(path)
+    assert loaded.backend == lowered.backend
+    assert torch.equal(loaded.generate(ids, mask, max_new_tokens=10), lowered.generate(ids, mask, max_new_tokens=10))
+    decode = path / engines[lowered.backend][1]
+    data = bytearray(decode.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    decode.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="modified after export"):
+        tcompile.load(path)
+
+
+def test_no_pass_ort_decode_with_growing_cache(llama, prompts) -> None:
+    """Without eviction the cache grows past the export's slots (add_slots): dynamic slots in the engine."""
+    pytest.importorskip("onnxruntime")
+    ids, mask = prompts
+    want = tcompile.optimize(llama, passes=[]).generate(ids, mask, max_new_tokens=70)
+    got = tcompile.optimize(llama, passes=[], backend="onnxruntime").generate(ids, mask, max_new_tokens=70)
+    assert torch.equal(got, want)
+
+
+def test_tensorrt_is_refused_for_lms(llama) -> None:
+    with pytest.raises(BackendUnavailableError, match="not available for causal LMs"):
+        tcompile.optimize(llama, passes=[], backend="tensorrt")
