@@ -52,6 +52,14 @@ class Drafter:
     name = "drafter"
     tree = False        # whether proposals may branch (tree attention)
 
+    sampling: tuple = (False, 1.0, None, None, None)   # (do_sample, temperature, top_k, top_p, generator)
+
+    def configure(self, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+                  generator: torch.Generator | None) -> None:
+        """The target's sampling settings for this call (a model drafter warps its own
+        distribution the same way, as speculative sampling requires)."""
+        self.sampling = (do_sample, temperature, top_k, top_p, generator)
+
     def reset(self, prompts: list[torch.Tensor]) -> None:
         """Called after prefill with each row's real prompt tokens."""
 

@@ -92,6 +92,45 @@ def trim(tree: DraftTree, depth: int) -> DraftTree:
     return DraftTree(tree.tokens[:len(keep)], tree.parents[:len(keep)], None if tree.q is None else tree.q[:len(keep)])
 
 
+def verify_into(verify_fn: Callable[..., Any], spec: Any, cache: Any, ids: torch.Tensor, depth: torch.Tensor,
+                anc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score ``ids`` [B, T] (positions ``seen + depth``, ancestor mask ``anc``) against the cache,
+    writing their entries after each row's last one. Returns (logits [B, T, V], slots [B, T])."""
+    b, t = ids.shape
+    base = append_slot(cache.valid)
+    need = int(base.max()) + t - cache.slots
+    if need > 0:
+        add_slots(cache, max(GROW_SLOTS, need))
+    slots = base[:, None] + torch.arange(t)
+    attend = cache.valid[:, None, :].expand(b, t, cache.slots).clone()
+    attend.scatter_(2, slots[:, None, :].expand(b, t, t), anc)
+    slot4 = slots[:, None, None, :].expand(b, spec.num_layers, spec.kv_heads, t).contiguous()
+    outs = verify_fn(ids, cache.seen[:, None] + depth, attend, slot4, tuple(cache.kv))
+    cache.kv = list(outs[1:1 + 2 * spec.num_layers])
+    return outs[0], slots
+
+
+def commit(cache: Any, slots: torch.Tensor, paths: list[list[int]]) -> None:
+    """Keep the entries of each row's accepted path (indices into ``slots``; compacted to the
+    first slots when the path skips some); every other entry of the step stays invalid."""
+    b, t = slots.shape
+    n = torch.tensor([len(p) for p in paths])
+    if any(p != list(range(len(p))) for p in paths):
+        width = int(n.max())
+        src = torch.stack([torch.tensor(p + list(range(len(p), width)), dtype=torch.long) for p in paths])
+        src, dst = slots.gather(1, src), slots[:, :width]
+        for buf in cache.kv:
+            h, d = buf.shape[1], buf.shape[3]
+            moved = buf.gather(2, src[:, None, :, None].expand(-1, h, -1, d))
+            buf.scatter_(2, dst[:, None, :, None].expand(-1, h, -1, d), moved)
+    kept = torch.arange(t)[None] < n[:, None]
+    cache.valid.scatter_(1, slots, kept)
+    pos = torch.where(kept, cache.seen[:, None] + torch.arange(t), torch.full_like(slots, -1))
+    shape = (b, cache.pos.shape[1], cache.pos.shape[2], t)
+    cache.pos.scatter_(3, slots[:, None, None, :].expand(shape), pos[:, None, None, :].expand(shape))
+    cache.seen = cache.seen + n
+
+
 class SpeculativeRuntime(LMRuntime):
     """``LMRuntime`` whose ``generate`` decodes speculatively with ``drafter`` and ``verify``."""
 
@@ -105,39 +144,10 @@ class SpeculativeRuntime(LMRuntime):
 
     def _verify(self, cache: Any, ids: torch.Tensor, depth: torch.Tensor, anc: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score ``ids`` [B, T] against the cache, writing their entries after each row's last one.
-        Returns (logits [B, T, V], slots [B, T])."""
-        b, t = ids.shape
-        base = append_slot(cache.valid)
-        need = int(base.max()) + t - cache.slots
-        if need > 0:
-            add_slots(cache, max(GROW_SLOTS, need))
-        slots = base[:, None] + torch.arange(t)
-        attend = cache.valid[:, None, :].expand(b, t, cache.slots).clone()
-        attend.scatter_(2, slots[:, None, :].expand(b, t, t), anc)
-        slot4 = slots[:, None, None, :].expand(b, self.spec.num_layers, self.spec.kv_heads, t).contiguous()
-        outs = self.verify_fn(ids, cache.seen[:, None] + depth, attend, slot4, tuple(cache.kv))
-        cache.kv = list(outs[1:1 + 2 * self.spec.num_layers])
-        return outs[0], slots
+        return verify_into(self.verify_fn, self.spec, cache, ids, depth, anc)
 
     def _commit(self, cache: Any, slots: torch.Tensor, paths: list[list[int]]) -> None:
-        """Keep the entries of each row's accepted path (compacted to the path's first slots)."""
-        b, t = slots.shape
-        n = torch.tensor([len(p) for p in paths])
-        if any(p != list(range(len(p))) for p in paths):
-            width = int(n.max())
-            src = torch.stack([torch.tensor(p + list(range(len(p), width))) for p in paths])
-            src, dst = slots.gather(1, src), slots[:, :width]
-            for i, buf in enumerate(cache.kv):
-                h, d = buf.shape[1], buf.shape[3]
-                moved = buf.gather(2, src[:, None, :, None].expand(-1, h, -1, d))
-                buf.scatter_(2, dst[:, None, :, None].expand(-1, h, -1, d), moved)
-        kept = torch.arange(t)[None] < n[:, None]
-        cache.valid.scatter_(1, slots, kept)
-        pos = torch.where(kept, cache.seen[:, None] + torch.arange(t), torch.full_like(slots, -1))
-        shape = (b, cache.pos.shape[1], cache.pos.shape[2], t)
-        cache.pos.scatter_(3, slots[:, None, None, :].expand(shape), pos[:, None, None, :].expand(shape))
-        cache.seen = cache.seen + n
+        commit(cache, slots, paths)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
@@ -148,6 +158,9 @@ class SpeculativeRuntime(LMRuntime):
         the same distribution (``acceptance="lantern"``: within its total-variation bound)."""
         input_ids, mask = self._check(input_ids, attention_mask, max_new_tokens)
         check_sampling(do_sample, temperature, top_k, top_p)
+        if do_sample and self.acceptance == "greedy":
+            raise ValueError("this runtime was built with speculative{acceptance='greedy'}, which only decodes "
+                             "greedily; use do_sample=False, or acceptance='sample' (lossless) to sample")
         eos = self.spec.eos_token_ids if eos_token_id is None else (
             tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (eos_token_id,))
         pad = pad_token_id if pad_token_id is not None else (self.spec.pad_token_id if self.spec.pad_token_id
@@ -167,6 +180,7 @@ class SpeculativeRuntime(LMRuntime):
         stats.cache_entries_after_prefill = cache.entries
         batch = input_ids.shape[0]
         contexts = [input_ids[row][mask[row].bool()] for row in range(batch)]
+        self.drafter.configure(do_sample, temperature, top_k, top_p, generator)
         self.drafter.reset(contexts)
         first = next_tokens(logits, do_sample, temperature, top_k, top_p, generator)
         emitted: list[list[int]] = [[int(t)] for t in first]
