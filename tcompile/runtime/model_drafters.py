@@ -117,9 +117,20 @@ def _layers(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
                           "model.layers and transformer.h); use drafter=prompt_lookup or token_recycling")
 
 
+def _renumbered(layer: torch.nn.Module, index: int) -> torch.nn.Module:
+    """A shallow copy of ``layer`` whose modules that carry a ``layer_idx`` (the cache layer they
+    read and write) get ``index``; parameters stay shared."""
+    out = copy.copy(layer)
+    out._modules = {name: (_renumbered(child, index) if any(hasattr(m, "layer_idx") for m in child.modules())
+                           else child) for name, child in layer._modules.items()}
+    if hasattr(out, "layer_idx"):
+        out.layer_idx = index
+    return out
+
+
 def skip_layers(model: torch.nn.Module, skip: tuple[int, ...]) -> torch.nn.Module:
     """A shallow copy of ``model`` without the layers ``skip`` (parameters shared, the user's model
-    untouched). Kept layers keep their layer index, so they read and write their own cache layer."""
+    untouched); the kept layers are renumbered, so the copy has its own smaller cache."""
     owner, attr = _layers(model)
     layers = getattr(owner, attr)
     if not skip:
@@ -127,18 +138,21 @@ def skip_layers(model: torch.nn.Module, skip: tuple[int, ...]) -> torch.nn.Modul
     bad = [i for i in skip if not 0 <= i < len(layers)]
     if bad:
         raise PassOptionError(f"layer_skip: skip={tuple(skip)} names layers {bad} outside 0..{len(layers) - 1}")
-    if len(set(skip)) >= len(layers):
+    kept = [i for i in range(len(layers)) if i not in set(skip)]
+    if not kept:
         raise PassOptionError("layer_skip: skip names every layer; keep at least one")
-    clone = copy.copy(model)
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = len(kept)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in kept]
     inner = copy.copy(owner)
     inner._modules = dict(owner._modules)
-    inner._modules[attr] = torch.nn.ModuleList([m for i, m in enumerate(layers) if i not in set(skip)])
-    if owner is getattr(model, "model", None):
-        clone._modules = dict(model._modules)
-        clone._modules["model"] = inner
-    else:
-        clone._modules = dict(model._modules)
-        clone._modules["transformer"] = inner
+    inner._modules[attr] = torch.nn.ModuleList([_renumbered(layers[i], new) for new, i in enumerate(kept)])
+    inner.config = config
+    clone = copy.copy(model)
+    clone._modules = dict(model._modules)
+    clone._modules["model" if owner is getattr(model, "model", None) else "transformer"] = inner
+    clone.config = config
     return clone
 
 
