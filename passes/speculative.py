@@ -38,6 +38,7 @@ class SpeculativeOptions:
                                     # "greedy": the runtime only decodes greedily
     max_ngram: int = 3              # prompt_lookup: longest n-gram matched
     min_ngram: int = 1              # prompt_lookup: shortest n-gram matched
+    branches: int = 1               # prompt_lookup: distinct matches merged into a draft tree
     top_k: int = 8                  # token_recycling: successors kept per token (adjacency width)
     tree_nodes: int = 16            # token_recycling: candidate nodes of the draft tree (depth ≤ k)
     draft: Any = None               # draft_model: a smaller causal LM with the same vocabulary
@@ -60,6 +61,8 @@ class SpeculativeOptions:
                 <= self.max_ngram):
             raise PassOptionError(f"{name}: need 1 <= min_ngram <= max_ngram, got min_ngram={self.min_ngram!r}, "
                                   f"max_ngram={self.max_ngram!r}")
+        if not isinstance(self.branches, int) or not 1 <= self.branches <= 16:
+            raise PassOptionError(f"{name}: branches={self.branches!r} must be an integer in [1, 16]")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= 64:
             raise PassOptionError(f"{name}: top_k={self.top_k!r} must be an integer in [1, 64]")
         if not isinstance(self.tree_nodes, int) or not 1 <= self.tree_nodes <= 255:

@@ -76,25 +76,54 @@ class PromptLookup(Drafter):
     """The continuation of the latest earlier occurrence of the context's last n tokens, for n
     from ``max_ngram`` down to ``min_ngram``; the larger n wins. The latest occurrence is preferred
     to the first (the prompt-lookup reference takes the first): text that is being copied or that
-    repeats the model's own output continues where it was matched last."""
+    repeats the model's own output continues where it was matched last. With ``branches`` > 1 the
+    continuations of that many distinct matches are merged into a tree (a trie of candidates)."""
 
     name = "prompt_lookup"
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, branches: int = 1) -> None:
+        self.max_ngram, self.min_ngram, self.branches = max_ngram, min_ngram, branches
 
-    def lookup(self, context: torch.Tensor, k: int) -> list[int]:
+    def matches(self, context: torch.Tensor, k: int, limit: int) -> list[list[int]]:
+        """Up to ``limit`` distinct continuations (≤ k tokens), longest n-gram first, latest first."""
         n_tok = int(context.numel())
+        found: list[list[int]] = []
         for n in range(min(self.max_ngram, n_tok - 1), self.min_ngram - 1, -1):
             windows = context[:-1].unfold(0, n, 1)                        # every n-gram but the suffix
-            hits = (windows == context[-n:]).all(dim=1).nonzero().flatten()
-            if hits.numel():
-                start = int(hits[-1]) + n
-                return context[start:start + k].tolist()
-        return []
+            hits = (windows == context[-n:]).all(dim=1).nonzero().flatten().tolist()
+            for hit in reversed(hits):
+                cont = context[hit + n:hit + n + k].tolist()
+                if cont and cont not in found:
+                    found.append(cont)
+                if len(found) >= limit:
+                    return found
+        return found
+
+    def lookup(self, context: torch.Tensor, k: int) -> list[int]:
+        found = self.matches(context, k, 1)
+        return found[0] if found else []
 
     def propose(self, contexts: list[torch.Tensor], k: int) -> list[DraftTree]:
-        return [DraftTree.chain(self.lookup(c, k)) for c in contexts]
+        if self.branches == 1:
+            return [DraftTree.chain(self.lookup(c, k)) for c in contexts]
+        return [trie(self.matches(c, k, self.branches)) for c in contexts]
+
+
+def trie(chains: list[list[int]]) -> DraftTree:
+    """Merge candidate chains into one tree (shared prefixes once), nodes in BFS order."""
+    children: dict[tuple[int, int], int] = {}
+    nodes: list[tuple[int, int, int]] = []          # (depth, parent, token) in insertion order
+    for chain in chains:
+        parent = -1
+        for token in chain:
+            key = (parent, token)
+            if key not in children:
+                children[key] = len(nodes)
+                nodes.append((nodes[parent][0] + 1 if parent >= 0 else 1, parent, token))
+            parent = children[key]
+    order = sorted(range(len(nodes)), key=lambda i: (nodes[i][0], i))
+    new = {old: i for i, old in enumerate(order)}
+    return DraftTree([nodes[i][2] for i in order], [new[nodes[i][1]] if nodes[i][1] >= 0 else -1 for i in order])
 
 
 def budget_tree(nodes: int, top_k: int, depth: int) -> list[tuple[int, ...]]:

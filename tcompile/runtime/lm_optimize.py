@@ -71,6 +71,10 @@ class OptimizedLM:
         if self._example_args is None:
             raise TCompileError(f"{self.model_name} was loaded from an artifact; copy that directory instead "
                                 "of exporting it again")
+        if hasattr(self.runtime, "verify_fn"):
+            raise TCompileError("artifacts do not hold the speculative pass's verify graph and drafter yet: "
+                                "optimize without the speculative pass to export (the artifact then decodes "
+                                "without speculation), or keep this OptimizedLM in the process")
         path = Path(path)
         if path.exists() and any(path.iterdir()) and not (path / "manifest.json").exists():
             raise ArtifactError(f"{path} exists and is not a tcompile artifact; refusing to overwrite it. "

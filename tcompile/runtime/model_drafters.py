@@ -62,7 +62,7 @@ class ModelDrafter(Drafter):
         trees = [DraftTree.chain(c[1:]) for c in chains]
         roots = torch.tensor([c[0] if c else 0 for c in chains])
         ids, depth, anc = pack(trees, roots)
-        logits, slots = verify_into(self.verify_fn, self.spec, self.cache, ids, depth, anc)
+        logits, slots, _ = verify_into(self.verify_fn, self.spec, self.cache, ids, depth, anc)
         commit(self.cache, slots, [list(range(len(c))) for c in chains])
         for row, c in enumerate(chains):
             self.fed[row] += len(c)

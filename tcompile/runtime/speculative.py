@@ -24,6 +24,7 @@ from tcompile.runtime.acceptance import accept_greedy, accept_sample
 from tcompile.runtime.drafters import Drafter, DraftTree
 from tcompile.runtime.generate import GROW_SLOTS, GenerationStats, LMRuntime, add_slots, append_slot
 from tcompile.runtime.sampling import check_sampling, next_tokens, warp_logits
+from tcompile.runtime.speculative_kv import evict_accepted
 
 
 @dataclass
@@ -93,21 +94,23 @@ def trim(tree: DraftTree, depth: int) -> DraftTree:
 
 
 def verify_into(verify_fn: Callable[..., Any], spec: Any, cache: Any, ids: torch.Tensor, depth: torch.Tensor,
-                anc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                anc: torch.Tensor, grow: int = GROW_SLOTS) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Score ``ids`` [B, T] (positions ``seen + depth``, ancestor mask ``anc``) against the cache,
-    writing their entries after each row's last one. Returns (logits [B, T, V], slots [B, T])."""
+    writing their entries after each row's last one. Returns (logits [B, T, V], slots [B, T],
+    per-layer attention scores [B, Hkv, T, S] when the verify graph exposes them, else []).
+    Buffers short of T free slots grow by at least ``grow`` slots."""
     b, t = ids.shape
     base = append_slot(cache.valid)
     need = int(base.max()) + t - cache.slots
     if need > 0:
-        add_slots(cache, max(GROW_SLOTS, need))
+        add_slots(cache, max(grow, need))
     slots = base[:, None] + torch.arange(t)
     attend = cache.valid[:, None, :].expand(b, t, cache.slots).clone()
     attend.scatter_(2, slots[:, None, :].expand(b, t, t), anc)
     slot4 = slots[:, None, None, :].expand(b, spec.num_layers, spec.kv_heads, t).contiguous()
     outs = verify_fn(ids, cache.seen[:, None] + depth, attend, slot4, tuple(cache.kv))
     cache.kv = list(outs[1:1 + 2 * spec.num_layers])
-    return outs[0], slots
+    return outs[0], slots, list(outs[1 + 2 * spec.num_layers:])
 
 
 def commit(cache: Any, slots: torch.Tensor, paths: list[list[int]]) -> None:
@@ -144,7 +147,9 @@ class SpeculativeRuntime(LMRuntime):
 
     def _verify(self, cache: Any, ids: torch.Tensor, depth: torch.Tensor, anc: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        return verify_into(self.verify_fn, self.spec, cache, ids, depth, anc)
+        logits, slots, self._scores = verify_into(self.verify_fn, self.spec, cache, ids, depth, anc,
+                                                  grow=1 if self.evicts else GROW_SLOTS)
+        return logits, slots
 
     def _commit(self, cache: Any, slots: torch.Tensor, paths: list[list[int]]) -> None:
         commit(cache, slots, paths)
@@ -225,6 +230,8 @@ class SpeculativeRuntime(LMRuntime):
                     done[row] = bool(eos) and token in eos
             self.drafter.observe(step_ids, logits, paths)
             self._commit(cache, slots, paths)
+            if self.evicts:
+                evict_accepted(cache, self.policy, capacity, slots, paths, self._scores)
             stats.steps += 1
             stats.decode_s.append(time.perf_counter() - step_started)
             peak_entries, peak_bytes = max(peak_entries, cache.entries), max(peak_bytes, cache.nbytes())
@@ -237,4 +244,5 @@ class SpeculativeRuntime(LMRuntime):
         stats.peak_cache_entries, stats.peak_cache_bytes = peak_entries, peak_bytes
         stats.full_cache_bytes = self.spec.cache_bytes(batch, input_ids.shape[1] + width - 1)
         self.last_stats = stats
+        self.last_cache = cache   # the final cache, for inspection (tests, reports)
         return torch.cat([input_ids, out], dim=1)

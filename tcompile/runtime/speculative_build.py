@@ -10,12 +10,13 @@ from tcompile.passes.speculative import SpeculativeOptions
 from tcompile.runtime.drafters import Drafter, PromptLookup, TokenRecycling, budget_tree
 from tcompile.runtime.lm_capture import LMProgram, inplace_cache_writes
 from tcompile.runtime.speculative import SpeculativeRuntime
+from tcompile.runtime.speculative_kv import expose_attention_rows
 
 
 def make_drafter(options: SpeculativeOptions, program: LMProgram, model: torch.nn.Module | None) -> Drafter:
     """The drafter ``options`` name, for the LM of ``program``."""
     if options.drafter == "prompt_lookup":
-        return PromptLookup(options.max_ngram, options.min_ngram)
+        return PromptLookup(options.max_ngram, options.min_ngram, options.branches)
     if options.drafter == "token_recycling":
         return TokenRecycling(program.spec.vocab_size, options.top_k,
                               budget_tree(options.tree_nodes, options.top_k, options.k))
@@ -55,11 +56,11 @@ def build_speculative(program: LMProgram, options: SpeculativeOptions, model: to
         raise PassOptionError("the speculative pass needs the verify graph: capture with capture_lm(model, "
                               "verify=True) (tcompile.optimize does this when the pipeline names speculative)")
     policy = runtime_kwargs.get("policy")
-    if policy is not None and policy.options.decode == "evict":
-        raise PassOptionError("speculative decoding composes with KV eviction in decode='grow' mode (eviction "
-                              "at prefill, the cache then grows); set decode=grow on the KV pass")
+    verify = program.verify.gm
+    if policy is not None and policy.options.decode == "evict" and policy.decode_scores:
+        verify = expose_attention_rows(verify, program.spec.kv_heads)   # H2O, TOVA rank by each token's attention
     drafter = make_drafter(options, program, model)
     prefill, decode = runtime_kwargs.pop("prefill"), runtime_kwargs.pop("decode")
-    return SpeculativeRuntime(prefill, decode, program.spec, inplace_cache_writes(program.verify.gm), drafter,
+    return SpeculativeRuntime(prefill, decode, program.spec, inplace_cache_writes(verify), drafter,
                               options.k, options.acceptance, options.delta,
                               embedding_neighbours(program.verify.gm, options.neighbours), **runtime_kwargs)

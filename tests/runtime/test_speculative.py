@@ -209,3 +209,41 @@ def test_a_draft_model_with_another_vocabulary_is_a_clear_error(llama_spec, llam
         runtime_for(llama_spec, [PassSpec("speculative", SpeculativeOptions(drafter="draft_model", draft=other))], llama)
     with pytest.raises(PassOptionError, match="not a causal LM"):
         runtime_for(llama_spec, [PassSpec("speculative", SpeculativeOptions(drafter="draft_model", draft="gpt2"))], llama)
+
+
+@pytest.mark.parametrize("kv", ["kv_streaming{tokens=8}", "kv_snapkv{tokens=8,window=3}", "kv_h2o{tokens=8}",
+                                "kv_tova{tokens=8}"])
+@pytest.mark.parametrize("drafter", ["prompt_lookup", "token_recycling"])
+def test_composes_with_every_kv_eviction_pass(llama_spec, llama, prompts, kv, drafter):
+    """Only accepted entries enter the budget: the cache holds `tokens` entries per KV head at
+    every step, in capacity + T slots, whatever the drafts."""
+    ids, mask = prompts
+    spec, _ = runtime_for(llama_spec, parse_pipeline(f"{kv},speculative{{drafter={drafter},k=4}}"), llama)
+    out = spec.generate(ids, mask, max_new_tokens=40)
+    stats, cache = spec.last_stats, spec.last_cache
+    assert out.shape == (3, 56) and stats.accepted > 0
+    assert stats.peak_cache_entries == 8 and cache.entries == 8
+    assert cache.slots <= 8 + 1 + 1 + 4 * 6      # budget + the largest draft's scratch (a tree of ≤ k·… nodes)
+    live = cache.pos >= 0
+    assert bool((live.sum(-1) == 8).all())       # every layer and KV head keeps exactly the budget
+    assert bool((live == cache.valid[:, None, None, :]).all())
+
+
+def test_streaming_keeps_sinks_and_the_latest_entries(llama_spec, llama, prompts):
+    ids, mask = prompts
+    spec, _ = runtime_for(llama_spec, parse_pipeline("kv_streaming{tokens=8,sinks=4},speculative{k=4}"), llama)
+    spec.generate(ids, mask, max_new_tokens=40)
+    cache = spec.last_cache
+    for row in range(3):
+        seen = int(cache.seen[row])
+        for layer in range(cache.pos.shape[1]):
+            for head in range(cache.pos.shape[2]):
+                kept = sorted(p for p in cache.pos[row, layer, head].tolist() if p >= 0)
+                assert kept == [0, 1, 2, 3] + list(range(seen - 4, seen)), (row, kept)
+
+
+def test_kv_budget_never_reached_equals_plain_greedy(llama_spec, llama, prompts):
+    ids, mask = prompts
+    plain, _ = runtime_for(llama_spec, [])
+    spec, _ = runtime_for(llama_spec, parse_pipeline("kv_h2o{tokens=16,decode=grow},speculative{k=4}"), llama)
+    assert torch.equal(spec.generate(ids, mask, max_new_tokens=NEW), plain.generate(ids, mask, max_new_tokens=NEW))
