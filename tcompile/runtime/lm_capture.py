@@ -224,6 +224,7 @@ def capture_lm(model: torch.nn.Module, name: str | None = None, verify: bool = F
         from tcompile.runtime.verify import capture_verify
         gm, args = capture_verify(model)
         out.verify = Program(gm, args, {}, name + ".verify", info={"lm_stage": "verify"})
+        out.verify.info["native_gqa_sites"] = native_gqa(gm)
     return out
 
 
