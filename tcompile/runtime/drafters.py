@@ -67,9 +67,11 @@ class Drafter:
         """``contexts``: each row's tokens so far (prompt and generated, the root token last)."""
         raise NotImplementedError
 
-    def observe(self, inputs: torch.Tensor, logits: torch.Tensor, accepted: list[list[int]]) -> None:
+    def observe(self, inputs: torch.Tensor, logits: torch.Tensor, accepted: list[list[int]],
+                nodes: torch.Tensor | None = None) -> None:
         """After verify: ``inputs`` [B, T] the scored tokens, ``logits`` [B, T, V], ``accepted``
-        the node indices (0 = root) each row kept."""
+        the node indices (0 = root) each row kept, ``nodes`` [B, T] bool: the real (not padding)
+        positions of rows still generating."""
 
 
 class PromptLookup(Drafter):
@@ -189,8 +191,10 @@ class TokenRecycling(Drafter):
             out.append(DraftTree([tokens[i] for i in keep], [self.parents[i] for i in keep]))
         return out
 
-    def observe(self, inputs: torch.Tensor, logits: torch.Tensor, accepted: list[list[int]]) -> None:
-        top = logits.topk(self.top_k, dim=-1).indices.to(torch.int32)     # [B, T, k]
-        flat_in, flat_top = inputs.reshape(-1), top.reshape(-1, self.top_k)
+    def observe(self, inputs: torch.Tensor, logits: torch.Tensor, accepted: list[list[int]],
+                nodes: torch.Tensor | None = None) -> None:
+        keep = torch.ones_like(inputs, dtype=torch.bool) if nodes is None else nodes
+        top = logits[keep].topk(self.top_k, dim=-1).indices.to(torch.int32)     # [N, k]
+        flat_in, flat_top = inputs[keep], top
         self.adjacency[flat_in] = flat_top        # duplicates: one of the writes wins
         self.known[flat_in] = True

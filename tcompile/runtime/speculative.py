@@ -53,10 +53,16 @@ class SpeculativeStats(GenerationStats):
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.total_s if self.total_s else 0.0
 
+    def ms_per_token(self) -> float | None:
+        """Mean decode milliseconds per new token after the first (steps emit several)."""
+        if self.new_tokens <= 1 or not self.decode_s:
+            return None
+        return 1e3 * sum(self.decode_s) / (self.new_tokens - 1)
+
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "decode_s"}
         out.update(acceptance_rate=self.acceptance_rate, mean_accepted_length=self.mean_accepted_length,
-                   tokens_per_s=self.tokens_per_s)
+                   tokens_per_s=self.tokens_per_s, ms_per_token=self.ms_per_token())
         return out
 
 
@@ -228,7 +234,8 @@ class SpeculativeRuntime(LMRuntime):
                         break
                     emitted[row].append(token)
                     done[row] = bool(eos) and token in eos
-            self.drafter.observe(step_ids, logits, paths)
+            sizes = torch.tensor([1 + tree.size if live[row] else 0 for row, tree in enumerate(trees)])
+            self.drafter.observe(step_ids, logits, paths, torch.arange(step_ids.shape[1])[None] < sizes[:, None])
             self._commit(cache, slots, paths)
             if self.evicts:
                 evict_accepted(cache, self.policy, capacity, slots, paths, self._scores)

@@ -126,6 +126,8 @@ def test_token_recycling_matrix_rows_hold_the_latest_top_k():
     tree = d.propose([torch.tensor([1, 2])], 3)[0]
     assert tree.size == 6 and tree.tokens[0] == d.adjacency[2, 0]
     assert all(p < i for i, p in enumerate(tree.parents))
+    d.observe(torch.tensor([[9, 2]]), torch.randn(1, 2, 50), [[0]], torch.tensor([[True, False]]))
+    assert bool(d.known[9]) and d.adjacency[2].tolist() == logits[0, 0].topk(3).indices.tolist()   # padding ignored
     # Token Recycling's memory for a 49,152-token vocabulary stays under 2 MB
     assert TokenRecycling(49152, 8).nbytes < 2_000_000
 
