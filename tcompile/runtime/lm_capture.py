@@ -68,6 +68,7 @@ class LMProgram:
     spec: LMSpec
     model_name: str
     info: dict[str, Any] = field(default_factory=dict)
+    verify: Program | None = None      # the T-token verify step (speculative decoding), when captured
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -187,8 +188,9 @@ def lm_spec(model: torch.nn.Module) -> LMSpec:
                   eos_token_ids=eos_ids, pad_token_id=pad, dtype=param.dtype)
 
 
-def capture_lm(model: torch.nn.Module, name: str | None = None) -> LMProgram:
-    """Export the prefill and decode steps of ``model`` (dynamic batch, prompt and cache length)."""
+def capture_lm(model: torch.nn.Module, name: str | None = None, verify: bool = False) -> LMProgram:
+    """Export the prefill and decode steps of ``model`` (dynamic batch, prompt and cache length),
+    and with ``verify`` the verify step of speculative decoding (dynamic draft length too)."""
     if not is_causal_lm(model):
         raise CaptureError(f"{type(model).__name__} is not a causal LM (no generate(), or an encoder-decoder); "
                            "prefill/decode capture needs a decoder-only transformers model such as "
@@ -217,7 +219,13 @@ def capture_lm(model: torch.nn.Module, name: str | None = None) -> LMProgram:
     for program in (prefill, decode):
         program.info["native_gqa_sites"] = native_gqa(program.gm)
         propagate_shapes(program)
-    return LMProgram(prefill, decode, spec, name)
+    out = LMProgram(prefill, decode, spec, name)
+    if verify:
+        from tcompile.runtime.verify import capture_verify
+        gm, args = capture_verify(model)
+        out.verify = Program(gm, args, {}, name + ".verify", info={"lm_stage": "verify"})
+        out.verify.info["native_gqa_sites"] = native_gqa(gm)
+    return out
 
 
 def prefill_dynamic_shapes() -> tuple:

@@ -53,8 +53,13 @@ class OptimizedLM:
         self.model_name, self._example_args = model_name, example_args
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        """As transformers' ``generate``: prompt ids (left padded) → prompt + new ids."""
-        return self.runtime.generate(input_ids, attention_mask, **kwargs)
+        """As transformers' ``generate``: prompt ids (left padded) → prompt + new ids. With the
+        speculative pass, the last call's acceptance figures also land in ``report.latency``."""
+        out = self.runtime.generate(input_ids, attention_mask, **kwargs)
+        summary = getattr(self.runtime.last_stats, "summary", None)
+        if summary is not None:
+            self.report.latency["speculative"] = summary()
+        return out
 
     @property
     def last_stats(self) -> Any:
@@ -77,6 +82,10 @@ class OptimizedLM:
         if self._example_args is None:
             raise TCompileError(f"{self.model_name} was loaded from an artifact; copy that directory instead "
                                 "of exporting it again")
+        if hasattr(self.runtime, "verify_fn"):
+            raise TCompileError("artifacts do not hold the speculative pass's verify graph and drafter yet: "
+                                "optimize without the speculative pass to export (the artifact then decodes "
+                                "without speculation), or keep this OptimizedLM in the process")
         path = Path(path)
         if path.exists() and any(path.iterdir()) and not (path / "manifest.json").exists():
             raise ArtifactError(f"{path} exists and is not a tcompile artifact; refusing to overwrite it. "
@@ -142,8 +151,13 @@ def lower_lm(runtime: LMRuntime, backend: str, example_args: tuple[tuple, tuple]
     check_lm_backend(backend)
     if backend == "inductor":
         runtime.decode_fn = torch.compile(runtime.decode_fn, dynamic=True)
+        if hasattr(runtime, "verify_fn"):
+            runtime.verify_fn = torch.compile(runtime.verify_fn, dynamic=True)
     if backend not in ENGINE_FILES:
         return None
+    if hasattr(runtime, "verify_fn"):
+        raise BackendUnavailableError(f"backend {backend!r} has no engine for the speculative verify step yet; use "
+                                      "backend='eager' or 'inductor' with the speculative pass")
     if engine_dir is None:
         if example_args is None:
             raise TCompileError(f"backend {backend!r} needs the example step inputs (or an artifact) to build engines")
@@ -156,16 +170,19 @@ def lower_lm(runtime: LMRuntime, backend: str, example_args: tuple[tuple, tuple]
     return Path(engine_dir), names
 
 
-def runtime_for(program: LMProgram, specs: list[PassSpec]) -> tuple[LMRuntime, list]:
-    """Apply ``specs`` to both graphs and build the runtime with the KV policy and prompt filter they name."""
+def runtime_for(program: LMProgram, specs: list[PassSpec], model: torch.nn.Module | None = None
+                ) -> tuple[LMRuntime, list]:
+    """Apply ``specs`` to both graphs and build the runtime with the KV policy, prompt filter and
+    speculative decoder they name (``model``: the original, for drafters built from it)."""
     kv = [s for s in specs if is_kv_pass(s.name)]
     prune = [s for s in specs if s.name == "prompt_pruning"]
+    spec_dec = [s for s in specs if s.name == "speculative"]
     other = [s.name for s in specs
-             if not is_kv_pass(s.name) and s.name not in ("prompt_pruning", "sparse_attention")]
+             if not is_kv_pass(s.name) and s.name not in ("prompt_pruning", "sparse_attention", "speculative")]
     if other:
         raise PassOptionError(f"pass(es) {other} do not apply to causal LMs; use a KV-cache pass "
-                              f"({', '.join(sorted(POLICIES))}), prompt_pruning and/or sparse_attention")
-    for group, what in ((kv, "KV-cache pass"), (prune, "prompt_pruning pass")):
+                              f"({', '.join(sorted(POLICIES))}), prompt_pruning, sparse_attention and/or speculative")
+    for group, what in ((kv, "KV-cache pass"), (prune, "prompt_pruning pass"), (spec_dec, "speculative pass")):
         if len(group) > 1:
             raise PassOptionError(f"one {what} at a time, got {[format_pipeline([s]) for s in group]}")
     info = {"kv_heads": program.spec.kv_heads}
@@ -175,8 +192,15 @@ def runtime_for(program: LMProgram, specs: list[PassSpec]) -> tuple[LMRuntime, l
     prefill, rec_p = manager.run(program.prefill, specs)
     decode, rec_d = manager.run(program.decode, specs)
     policy = make_policy(kv[0].name, kv[0].options) if kv else None
-    runtime = LMRuntime(prefill.gm, inplace_cache_writes(decode.gm), program.spec, policy, decode_graph=decode.gm,
-                        prompt_filter=prompt_filter(prefill.info.get("prompt_filter"), prune))
+    filt = prompt_filter(prefill.info.get("prompt_filter"), prune)
+    if spec_dec:
+        from tcompile.runtime.speculative_build import build_speculative
+        runtime = build_speculative(program, spec_dec[0].options, model, prefill=prefill.gm,
+                                    decode=inplace_cache_writes(decode.gm), policy=policy, decode_graph=decode.gm,
+                                    prompt_filter=filt)
+    else:
+        runtime = LMRuntime(prefill.gm, inplace_cache_writes(decode.gm), program.spec, policy, decode_graph=decode.gm,
+                            prompt_filter=filt)
     return runtime, rec_p + rec_d
 
 
@@ -235,12 +259,12 @@ def optimize_lm(model: torch.nn.Module, budget: Any = None, passes: Any = None, 
                           "planner chooses a KV policy for kv_cache=, with quality=); set kv_cache=... or choose "
                           "the pipeline with passes=")
     calibration = _calibration_ids(calibration)
-    program = capture_lm(model, name)
+    program = capture_lm(model, name, verify=any(s.name == "speculative" for s in specs or []))
     notes: list[str] = []
     candidates: list[CandidateRecord] = []
     if specs is None:
         specs, candidates = _plan(program, budget_obj, calibration, notes)
-    runtime, records = runtime_for(program, specs)
+    runtime, records = runtime_for(program, specs, model)
     example_args = (program.prefill.example_args, program.decode.example_args)
     engines = lower_lm(runtime, backend, example_args)
     pipeline = format_pipeline(specs)

@@ -19,11 +19,9 @@ def check_sampling(do_sample: bool, temperature: float, top_k: int | None, top_p
         raise ValueError(f"top_p={top_p!r} must lie in (0, 1] (or None)")
 
 
-def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[B, V] logits → [B] token ids."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
+def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None) -> torch.Tensor:
+    """[..., V] logits → warped float logits (-inf outside top-k / top-p), as transformers' warpers."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
@@ -33,4 +31,13 @@ def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0,
         remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1.0 - top_p
         remove[..., -1] = False
         logits = logits.masked_fill(torch.zeros_like(remove).scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B, V] logits → [B] token ids."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = warp_logits(logits, temperature, top_k, top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)

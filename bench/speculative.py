@@ -1,0 +1,162 @@
+"""SmolLM2 speculative decoding: tokens/s of each drafter vs plain greedy and vs transformers.
+
+Usage: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/speculative.py [--rounds 3] [--new 96]
+
+Two greedy tasks, 96 new tokens each (EOS ignored by every method):
+(a) input-grounded: a chat prompt asking to copy a pydoc passage (~480 tokens);
+(b) open generation: a short story prompt.
+Methods: tcompile's plain greedy runtime; tcompile speculative with each drafter; transformers'
+``model.generate`` plain and with ``prompt_lookup_num_tokens=10``. Rounds are interleaved (one
+call of each method per task per round); each figure is the median over rounds of tokens/s
+(new tokens / wall time of the whole generate call, prefill included); ratios are of medians in
+this run. token_recycling's adjacency matrix is warmed on other prompts and restored before every
+timed call, so it never holds what it learnt from the timed prompt itself. layer_skip chooses its
+skipped layers on held-out pydoc text. Every speculative output is checked token for token
+against tcompile's plain greedy output.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from bench_common import save
+from tcompile.models.lm import load_smollm2, load_smollm2_tokenizer
+from tcompile.models.needle import perplexity_text
+from tcompile.passes.speculative import SpeculativeOptions
+from tcompile.registry import PassSpec
+from tcompile.runtime import capture_lm
+from tcompile.runtime.lm_optimize import runtime_for
+
+DRAFTERS = {
+    "prompt_lookup k=10": SpeculativeOptions(drafter="prompt_lookup", k=10),
+    "prompt_lookup k=16": SpeculativeOptions(drafter="prompt_lookup", k=16),
+    "prompt_lookup k=10 branches=3": SpeculativeOptions(drafter="prompt_lookup", k=10, branches=3),
+    "token_recycling 16 nodes": SpeculativeOptions(drafter="token_recycling", k=6, tree_nodes=16),
+    "token_recycling 32 nodes": SpeculativeOptions(drafter="token_recycling", k=8, tree_nodes=32),
+    "layer_skip": SpeculativeOptions(drafter="layer_skip", k=4, fallback=0.3),
+}
+STORY = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+# Other requests served before the timed ones: token_recycling's matrix persists across requests
+# (the paper's hot start); none of these is a timed prompt.
+WARM = ["Explain how a hash table works, with an example in Python.",
+        "Tell me a story about a dragon who is afraid of the dark.",
+        "Write a short story about a girl who builds a robot in her garage.",
+        "Describe a walk through a forest in autumn.",
+        "Write a story about two friends who get lost in a big city.",
+        "What are the main causes of the French Revolution?"]
+
+
+def chat_ids(tok, content: str) -> torch.Tensor:
+    text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    return torch.tensor([tok.encode(text, add_special_tokens=False)])
+
+
+def copy_prompt(tok, total: int = 482) -> torch.Tensor:
+    """A 'copy this passage' chat prompt of about ``total`` tokens (pydoc's 'for' and 'while' topics)."""
+    from pydoc_data.topics import topics
+    passage = topics["for"].strip() + "\n\n" + topics["while"].strip()
+    lines = passage.splitlines()
+    while len(lines) > 1:
+        ids = chat_ids(tok, "Copy the following passage exactly, word for word:\n\n" + "\n".join(lines))
+        if ids.shape[1] <= total:
+            return ids
+        lines = lines[:-1]
+    raise ValueError("passage too short")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new", type=int, default=96)
+    ap.add_argument("--drafters", nargs="*", default=list(DRAFTERS))
+    ap.add_argument("--out", default="speculative")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    model, tok = load_smollm2(), load_smollm2_tokenizer()
+    started = time.time()
+    program = capture_lm(model, "SmolLM2-135M-Instruct", verify=True)
+    print(f"captured in {time.time() - started:.0f}s", flush=True)
+    calibration = torch.tensor([tok.encode(perplexity_text()[:3000])])[:, :256]
+    runtimes = {"tcompile greedy": runtime_for(program, [])[0]}
+    for name in args.drafters:
+        opts = DRAFTERS[name]
+        if opts.drafter == "layer_skip":
+            from tcompile.runtime.model_drafters import choose_skip
+            opts = SpeculativeOptions(**{**opts.__dict__, "skip": choose_skip(model, calibration, opts.k, opts.skip_ratio)})
+        runtimes[name] = runtime_for(program, [PassSpec("speculative", opts)], model)[0]
+        if opts.drafter == "layer_skip":
+            print(f"layer_skip skips layers {opts.skip}", flush=True)
+    tasks = {"copy (input-grounded)": copy_prompt(tok), "story (open)": chat_ids(tok, STORY)}
+    for task, ids in tasks.items():
+        print(f"{task}: {ids.shape[1]} prompt tokens", flush=True)
+    snapshots = {}
+    for name, rt in runtimes.items():   # warm-up (and token_recycling's matrix, on other prompts)
+        rt.generate(chat_ids(tok, WARM[0]), max_new_tokens=16, eos_token_id=[])
+        if hasattr(rt, "drafter") and hasattr(rt.drafter, "adjacency"):
+            for text in WARM:
+                rt.generate(chat_ids(tok, text), max_new_tokens=args.new, eos_token_id=[])
+            snapshots[name] = (rt.drafter.adjacency.clone(), rt.drafter.known.clone())
+            print(f"{name}: matrix warmed on {len(WARM)} other requests, {int(rt.drafter.known.sum())} rows known",
+                  flush=True)
+    model.generation_config.eos_token_id = None   # transformers too generates all the new tokens
+
+    def hf(ids: torch.Tensor, **kw) -> torch.Tensor:
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
+                                  do_sample=False, pad_token_id=0, **kw)
+
+    hf(tasks["story (open)"])
+    hf(tasks["story (open)"], prompt_lookup_num_tokens=10)
+    times: dict = {t: {} for t in tasks}
+    stats: dict = {t: {} for t in tasks}
+    outputs: dict = {t: {} for t in tasks}
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds}", flush=True)
+        for task, ids in tasks.items():
+            for name, rt in runtimes.items():
+                if name in snapshots:
+                    rt.drafter.adjacency.copy_(snapshots[name][0])
+                    rt.drafter.known.copy_(snapshots[name][1])
+                t0 = time.perf_counter()
+                out = rt.generate(ids, max_new_tokens=args.new, eos_token_id=[])
+                times[task].setdefault(name, []).append(args.new / (time.perf_counter() - t0))
+                outputs[task][name] = out[0, ids.shape[1]:].tolist()
+                s = rt.last_stats
+                if hasattr(s, "summary"):
+                    stats[task][name] = {k: s.summary()[k] for k in ("steps", "drafted", "accepted", "acceptance_rate",
+                                                                     "mean_accepted_length")}
+            for name, kw in (("transformers greedy", {}), ("transformers prompt_lookup=10", {"prompt_lookup_num_tokens": 10})):
+                t0 = time.perf_counter()
+                out = hf(ids, **kw)
+                times[task].setdefault(name, []).append(args.new / (time.perf_counter() - t0))
+                outputs[task][name] = out[0, ids.shape[1]:].tolist()
+            print("  " + task + ": " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in times[task].items()) + " tok/s",
+                  flush=True)
+    table: dict = {}
+    for task in tasks:
+        med = {name: statistics.median(v) for name, v in times[task].items()}
+        base, peer = med["tcompile greedy"], med["transformers prompt_lookup=10"]
+        rows = {}
+        for name, m in med.items():
+            rows[name] = {"tokens_per_s": m, "rounds": times[task][name], "speedup_vs_tcompile_greedy": m / base,
+                          "vs_transformers_prompt_lookup": m / peer,
+                          "speedup_vs_transformers_greedy": m / med["transformers greedy"],
+                          "equals_tcompile_greedy": outputs[task][name] == outputs[task]["tcompile greedy"],
+                          **stats[task].get(name, {})}
+        table[task] = {"prompt_tokens": int(tasks[task].shape[1]), "rows": rows,
+                       "text": tok.decode(outputs[task]["tcompile greedy"])}
+        print(f"\n{task} ({tasks[task].shape[1]} prompt tokens)")
+        for name, row in rows.items():
+            extra = f", mean accepted {row['mean_accepted_length']:.2f}" if "mean_accepted_length" in row else ""
+            print(f"  {name:34s} {row['tokens_per_s']:6.1f} tok/s  x{row['speedup_vs_tcompile_greedy']:.2f} vs greedy"
+                  f"  x{row['vs_transformers_prompt_lookup']:.2f} vs HF lookup  same={row['equals_tcompile_greedy']}{extra}")
+    command = "OMP_WAIT_POLICY=PASSIVE .venv/bin/python " + " ".join(["bench/speculative.py", *sys.argv[1:]])
+    print(f"written {save(args.out, {'command': command, 'new_tokens': args.new, 'rounds': args.rounds, 'table': table})}")
+
+
+if __name__ == "__main__":
+    main()
