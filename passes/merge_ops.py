@@ -39,6 +39,23 @@ def _arange(n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.arange(n, device=like.device).unsqueeze(0).expand(like.shape[0], n)
 
 
+def _order_desc(values: torch.Tensor) -> torch.Tensor:
+    """[B, T] indices that sort ``values`` descending, ties in index order (a stable sort).
+
+    torch's argsort is not stable and ONNX's TopK breaks ties by index, so pads (which all share
+    one priority) came out in different orders in eager and in ONNX Runtime; that order decides
+    which pads merge, hence where the real tokens sit for the next layer's A/B split. Each
+    entry's rank (greater values, then equal values earlier) is unique, so the order is the same
+    in every backend: O(T^2) comparisons, small next to attention's T^2 * d.
+    """
+    t = values.shape[-1]
+    vi, vj = values.unsqueeze(-1), values.unsqueeze(-2)
+    idx = torch.arange(t, device=values.device)
+    earlier = idx.unsqueeze(0) < idx.unsqueeze(1)                           # [i, j]: j before i
+    rank = ((vj > vi) | ((vj == vi) & earlier)).to(torch.long).sum(dim=-1)  # [B, T], a permutation
+    return torch.zeros_like(rank).scatter(1, rank, _arange(t, rank))
+
+
 def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x[b, idx[b, i]] for [B, N, C] x: one flat index_select (a fast row copy on CPU)."""
     bsz, n, c = x.shape
@@ -89,7 +106,7 @@ def _merge_arrangement(x: torch.Tensor, sizes: torch.Tensor, src_map: torch.Tens
     a pad merges into output row 0, which changes nothing because its size is 0.
     """
     t = tokens.shape[1]
-    src = priority.argsort(dim=-1, descending=True)[:, :r]
+    src = _order_desc(priority)[:, :r]
     is_src = torch.zeros_like(tokens).scatter(1, src, 1)
     kept = (_arange(t, tokens) + is_src * t).argsort(dim=-1)[:, :t - r]          # in arrangement order
     row_of = torch.zeros_like(tokens).scatter(1, kept, _arange(t - r, kept))
@@ -139,7 +156,7 @@ def pitome_merge(x: torch.Tensor, k: torch.Tensor, sizes: torch.Tensor, src_map:
     real = (~pad).to(metric.dtype)
     sim = metric @ metric.transpose(-1, -2)                                # [B, T, T]
     energy = (F.elu(sim - margin) * real.unsqueeze(1)).sum(dim=-1) / real.sum(dim=-1, keepdim=True).clamp_min(1.0)
-    order = energy.masked_fill(pad, -_FIRST).argsort(dim=-1, descending=True)
+    order = _order_desc(energy.masked_fill(pad, -_FIRST))
     a_idx, b_idx, keep_idx = order[:, 0:2 * r:2], order[:, 1:2 * r:2], order[:, 2 * r:]
     sim_ab = sim.gather(1, a_idx.unsqueeze(-1).expand(-1, -1, t)).gather(2, b_idx.unsqueeze(1).expand(-1, r, -1))
     dst_idx = sim_ab.masked_fill(pad.gather(1, b_idx).unsqueeze(1), -_FIRST).argmax(dim=-1)   # [B, r] into b_idx

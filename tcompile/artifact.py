@@ -271,8 +271,9 @@ def _verify_requires(manifest: dict) -> None:
         minimum = str(wanted).startswith(">=")
         target = str(wanted).removeprefix(">=")
         if running is None:
+            pin = f"{package}>={target}" if minimum else f"{package}=={target}.*"
             raise ArtifactError(f"this {backend} artifact needs {package} {wanted}, which is not installed; "
-                                f"install it (pip install '{package}=={target}.*') to load the artifact")
+                                f"install it (pip install '{pin}') to load the artifact")
         ok = (_version_tuple(running) >= _version_tuple(target)) if minimum else (_major_minor(running) == target)
         if not ok:
             need = f"{package} {target} or newer" if minimum else f"{package} {target}.x"

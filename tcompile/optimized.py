@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from tcompile.artifact import compatibility, read_manifest, staged_directory, write_manifest
-from tcompile.inputs import MAX_BATCH
 from tcompile.errors import ArtifactError, TCompileError
+from tcompile.inputs import MAX_BATCH
 from tcompile.lowering import get_backend
 from tcompile.report import Report
 

@@ -61,6 +61,11 @@ def test_no_pass_ort_decode_with_growing_cache(llama, prompts) -> None:
     assert torch.equal(got, want)
 
 
+def test_aot_refuses_a_growing_cache(llama) -> None:
+    with pytest.raises(BackendUnavailableError, match="backend 'aot' drives causal LMs only with a KV policy"):
+        tcompile.optimize(llama, passes=[], backend="aot")
+
+
 def test_tensorrt_is_refused_for_lms(llama) -> None:
     with pytest.raises(BackendUnavailableError, match="not available for causal LMs"):
         tcompile.optimize(llama, passes=[], backend="tensorrt")
