@@ -91,8 +91,10 @@ class SparseAttentionOptions:
                                   "(MInference estimates vertical_slash from the last 64)")
         if isinstance(self.recall, bool) or not isinstance(self.recall, (int, float)) or not 0 < self.recall <= 1:
             raise PassOptionError(f"sparse_attention: recall={self.recall!r} must lie in (0, 1]")
-        if self.min_tokens is not None and (not isinstance(self.min_tokens, int) or self.min_tokens < 0):
-            raise PassOptionError(f"sparse_attention: min_tokens={self.min_tokens!r} must be a non-negative integer")
+        if self.min_tokens is not None and (not isinstance(self.min_tokens, int) or self.min_tokens < self.block):
+            raise PassOptionError(f"sparse_attention: min_tokens={self.min_tokens!r} would make sequences shorter than "
+                                  f"one block ({self.block} tokens) sparse, where no block pattern exists; use "
+                                  f"min_tokens>={self.block} (shorter prompts then run dense) or a smaller block")
         if not isinstance(self.tiles, bool):
             raise PassOptionError(f"sparse_attention: tiles={self.tiles!r} must be true or false")
         if not isinstance(self.table, str) or set(self.table) - set(sparse_ops.CODES) - {"/"}:

@@ -149,7 +149,7 @@ def test_sequence_shorter_than_one_block_is_exact():
     ("density=1.5", "must lie in (0, 1]"), ("block=48", "power of two"), ("block=8", "power of two"),
     ("last_q=0", "last_q=0"), ("sinks=-1", "non-negative"), ("recall=0", "recall=0"),
     ("table=vv", "table is the per-head choice"), ("pattern=auto,table=vx", "pattern codes"),
-    ("tiles=2", "tiles=2"),
+    ("tiles=2", "tiles=2"), ("min_tokens=32", "shorter than one block (64 tokens)"),
 ])
 def test_bad_options_raise(text, message):
     with pytest.raises(PassOptionError, match=re.escape(message)):
