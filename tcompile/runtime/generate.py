@@ -285,19 +285,16 @@ class LMRuntime:
         return torch.stack(out)
 
     # -- the loop -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Prompt ids [B, N] (left padded) → ids [B, N + T], T ≤ max_new_tokens (all rows stopped)."""
-        input_ids, mask = self._check(input_ids, attention_mask, max_new_tokens)
-        check_sampling(do_sample, temperature, top_k, top_p)
+    def _start(self, input_ids: torch.Tensor, mask: torch.Tensor, eos_token_id: int | list[int] | None,
+               pad_token_id: int | None, stats: GenerationStats
+               ) -> tuple[tuple[int, ...], int, torch.Tensor, CacheState, int | None]:
+        """What every generation loop does first: resolve eos/pad, prune the prompt (GemFilter),
+        prefill and cut the cache to the policy's capacity, recording prompt and prefill figures in
+        ``stats``. Returns (eos ids, pad id, last logits, cache, capacity)."""
         eos = self.spec.eos_token_ids if eos_token_id is None else (
             tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (eos_token_id,))
         pad = pad_token_id if pad_token_id is not None else (self.spec.pad_token_id if self.spec.pad_token_id
                                                              is not None else (eos[0] if eos else 0))
-        stats = GenerationStats(prompt_tokens=int(input_ids.shape[1]))
         started = time.perf_counter()
         ids, prompt_mask = input_ids, mask
         if self.prompt_filter is not None:
@@ -308,6 +305,18 @@ class LMRuntime:
         logits, cache = self._prefill(ids, prompt_mask, capacity)
         stats.prefill_s = time.perf_counter() - started
         stats.cache_entries_after_prefill = cache.entries
+        return eos, pad, logits, cache, capacity
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prompt ids [B, N] (left padded) → ids [B, N + T], T ≤ max_new_tokens (all rows stopped)."""
+        input_ids, mask = self._check(input_ids, attention_mask, max_new_tokens)
+        check_sampling(do_sample, temperature, top_k, top_p)
+        stats = GenerationStats(prompt_tokens=int(input_ids.shape[1]))
+        eos, pad, logits, cache, capacity = self._start(input_ids, mask, eos_token_id, pad_token_id, stats)
         eos_t = torch.tensor(eos, dtype=torch.long) if eos else None
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
         produced = []

@@ -172,23 +172,11 @@ class SpeculativeRuntime(LMRuntime):
         if do_sample and self.acceptance == "greedy":
             raise ValueError("this runtime was built with speculative{acceptance='greedy'}, which only decodes "
                              "greedily; use do_sample=False, or acceptance='sample' (lossless) to sample")
-        eos = self.spec.eos_token_ids if eos_token_id is None else (
-            tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (eos_token_id,))
-        pad = pad_token_id if pad_token_id is not None else (self.spec.pad_token_id if self.spec.pad_token_id
-                                                             is not None else (eos[0] if eos else 0))
         stats = SpeculativeStats(prompt_tokens=int(input_ids.shape[1]), drafter=self.drafter.name,
                                  acceptance=self.acceptance if do_sample else "greedy",
                                  lossy=do_sample and self.acceptance == "lantern" and self.delta > 0)
         started = time.perf_counter()
-        ids, prompt_mask = input_ids, mask
-        if self.prompt_filter is not None:
-            ids, prompt_mask, _ = self.prompt_filter(input_ids, mask)
-        stats.prompt_tokens_kept = int(prompt_mask.sum(1).max())
-        capacity = self.capacity(stats.prompt_tokens_kept)
-        stats.capacity = capacity
-        logits, cache = self._prefill(ids, prompt_mask, capacity)
-        stats.prefill_s = time.perf_counter() - started
-        stats.cache_entries_after_prefill = cache.entries
+        eos, pad, logits, cache, capacity = self._start(input_ids, mask, eos_token_id, pad_token_id, stats)
         batch = input_ids.shape[0]
         contexts = [input_ids[row][mask[row].bool()] for row in range(batch)]
         self.drafter.configure(do_sample, temperature, top_k, top_p, generator)
