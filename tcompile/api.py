@@ -67,16 +67,21 @@ def fidelity_on(reference: Callable[..., Any], candidate: Callable[..., Any],
 def optimize(model: torch.nn.Module, budget: Any = None, example_inputs: Any = None, calibration: Any = None,
              target: Any = "cpu", backend: str = "eager", passes: Any = None, *, verify: bool = True,
              measure: bool = True, repeats: int = 5, time_limit: float = 600.0, name: str | None = None,
-             instruments: list[Instrument] | None = None, progress: bool = False) -> OptimizedModel:
+             instruments: list[Instrument] | None = None, progress: bool = False, new_tokens: int = 32
+             ) -> OptimizedModel:
     """Optimize ``model`` for ``budget`` on ``target`` and lower it to ``backend``.
 
     ``passes=None`` lets the planner choose, a list (or pipeline text) forces the pipeline and
     ``[]`` runs the captured model with no rewrite. The user's model is never modified.
+    ``time_limit`` bounds the planner (seconds). Causal LMs: ``calibration`` is a list of token
+    id tensors; a latency budget is the time to generate ``new_tokens`` after each of them
+    (see :mod:`tcompile.runtime.lm_planner`).
     """
     from tcompile.runtime.lm_capture import is_causal_lm
     if isinstance(model, torch.nn.Module) and is_causal_lm(model):
         from tcompile.runtime.lm_optimize import optimize_lm
-        return optimize_lm(model, budget=budget, passes=passes, backend=backend, calibration=calibration, name=name)
+        return optimize_lm(model, budget=budget, passes=passes, backend=backend, calibration=calibration, name=name,
+                           target=target, time_limit=time_limit, new_tokens=new_tokens)
     backend_impl = get_backend(backend)            # fail fast: before any capture work
     budget_obj = Budget.parse(budget)
     specs = as_specs(passes)

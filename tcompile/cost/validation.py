@@ -22,9 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from torch.utils._pytree import tree_leaves
-
-from tcompile import _compat
+from tcompile.cost.lm import priced_at
 from tcompile.cost.model import predict_latency
 from tcompile.registry import PassSpec, format_pipeline, parse_pipeline
 
@@ -103,14 +101,6 @@ def _specs(config: str | Sequence[PassSpec]) -> list[PassSpec]:
     return parse_pipeline(config) if isinstance(config, str) else list(config)
 
 
-def _priced_at(gm: Any, args: Sequence[Any], profile: Any) -> float:
-    """Predicted seconds of ``gm`` on inputs shaped like ``args``: shapes re-propagated (fake
-    tensors) on a copy, so the graph is priced at the measured size, not at its traced example."""
-    gm = _compat.clone_graph_module(gm)
-    _compat.fake_propagate(gm, tree_leaves(list(args)))
-    return predict_latency(gm, profile)
-
-
 def _forward_case(program: Any, specs: list[PassSpec], profile: Any) -> tuple[float, Callable[[], Any]]:
     from tcompile.pass_manager import PassManager
     rewritten, _ = PassManager(verify=False).run(program, specs)
@@ -130,11 +120,11 @@ def _lm_case(program: Any, specs: list[PassSpec], phase: str, tokens: int, profi
         if filt is not None:
             kept = filt(ids, mask)[:2]
             if kept[0].shape[1] < tokens:          # the filter ran: its graph is part of the prefill
-                predicted += _priced_at(filt.fn, (ids, mask), profile)
+                predicted += priced_at(filt.fn, (ids, mask), profile)
 
         def run() -> Any:
             return runtime.prefill_fn(*(filt(ids, mask)[:2] if filt is not None else (ids, mask)))
-        return predicted + _priced_at(runtime.prefill_fn, kept, profile), run
+        return predicted + priced_at(runtime.prefill_fn, kept, profile), run
     if filt is not None:
         ids, mask = filt(ids, mask)[:2]
     capacity = runtime.capacity(int(ids.shape[1]))
@@ -145,7 +135,7 @@ def _lm_case(program: Any, specs: list[PassSpec], phase: str, tokens: int, profi
         runtime._decode(token, cache, capacity)
     finally:
         runtime.decode_fn = decode
-    return _priced_at(runtime.decode_graph, recorded[0], profile), lambda: runtime._decode(token, cache, capacity)
+    return priced_at(runtime.decode_graph, recorded[0], profile), lambda: runtime._decode(token, cache, capacity)
 
 
 def validate(model: Any, configs: Sequence[str | Sequence[PassSpec]], example_inputs: Any = None, *,

@@ -1,9 +1,9 @@
-"""``optimize`` for causal LMs: capture prefill/decode, apply KV passes, plan a KV budget.
+"""``optimize`` for causal LMs: capture prefill/decode (and verify), apply the pipeline, plan a budget.
 
-``tcompile.optimize`` routes here when the model generates text. The pipeline holds at most one
-KV-eviction pass; with ``Budget(kv_cache=f)`` and no pipeline, every KV policy is tried at
-``ratio=f`` and the one whose teacher-forced logits stay closest to the full cache on the
-calibration text is kept (fidelity: mean cosine of next-token logits, and top-1 agreement).
+``tcompile.optimize`` routes here when the model generates text. A pipeline holds at most one
+pass of each LM family (KV eviction, prompt pruning, sparse attention, speculative decoding);
+with a ``latency`` or ``kv_cache`` budget and no pipeline, :mod:`tcompile.runtime.lm_planner`
+chooses one on the calibration texts.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tcompile.artifact import compatibility, staged_directory, versions, write_manifest
 from tcompile.budget import Budget
@@ -31,14 +30,6 @@ from tcompile.runtime.lm_capture import LMProgram, capture_lm, inplace_cache_wri
 from tcompile.runtime.lm_lowering import ENGINE_FILES, attach_engines, build_engines
 
 log = logging.getLogger(__name__)
-
-# What Budget(kv_cache=f) chooses among, each at ratio=f: the paper defaults, plus SnapKV with a
-# wide forward max-pool, which keeps whole retrieved spans (bench/RESULTS.md, needle at 25%).
-PLAN_CANDIDATES: list[tuple[str, dict]] = [
-    ("kv_streaming", {"sinks": 4}), ("kv_snapkv", {}),
-    ("kv_snapkv", {"pool": "max", "kernel": 15, "spread": "forward"}), ("kv_h2o", {}), ("kv_tova", {}),
-]
-
 
 class OptimizedLM:
     """A causal LM captured as prefill/decode graphs with its KV policy: ``generate``, a report, export."""
@@ -220,20 +211,6 @@ def prompt_filter(fn: Any, specs: list[PassSpec]) -> PromptFilter | None:
     return PromptFilter(fn, o.keep, o.kernel, o.tail)
 
 
-def logit_fidelity(reference: LMRuntime, candidate: LMRuntime, calibration: list[torch.Tensor],
-                   continuation: int = 32) -> tuple[float, float]:
-    """Mean cosine of next-token logits and top-1 agreement over the last ``continuation`` tokens of
-    each calibration sequence, teacher-forced with the cache evicted as it goes."""
-    cosines, agree = [], []
-    for ids in calibration:
-        ids = ids.reshape(-1)
-        prompt, cont = ids[:-continuation], ids[-continuation:]
-        ref, got = reference.teacher_force(prompt, cont), candidate.teacher_force(prompt, cont)
-        cosines.append(F.cosine_similarity(ref, got, dim=-1).mean().item())
-        agree.append((ref.argmax(-1) == got.argmax(-1)).float().mean().item())
-    return sum(cosines) / len(cosines), sum(agree) / len(agree)
-
-
 def _calibration_ids(calibration: Any) -> list[torch.Tensor] | None:
     """Calibration text as a list of 1-D token id tensors, checked: empty sets and non-id tensors
     fail here with the batch named."""
@@ -257,63 +234,50 @@ def _calibration_ids(calibration: Any) -> list[torch.Tensor] | None:
 
 
 def optimize_lm(model: torch.nn.Module, budget: Any = None, passes: Any = None, backend: str = "eager",
-                calibration: Any = None, name: str | None = None) -> OptimizedLM:
+                calibration: Any = None, name: str | None = None, target: Any = "cpu", time_limit: float = 300.0,
+                new_tokens: int = 32) -> OptimizedLM:
+    """``tcompile.optimize`` for causal LMs. With a budget and no pipeline the LM planner
+    (:mod:`tcompile.runtime.lm_planner`) chooses across KV eviction, sparse attention, prompt
+    pruning and speculative decoding on the calibration texts, generating ``new_tokens`` per
+    prompt to measure latency, within ``time_limit`` seconds."""
     check_lm_backend(backend)            # fail before the capture work
     budget_obj = Budget.parse(budget)
     specs = as_specs(passes)
-    unsupported = sorted(k for k in (budget_obj.cost_fields if budget_obj else {}) if k != "kv_cache")
+    unsupported = sorted(k for k in (budget_obj.cost_fields if budget_obj else {}) if k not in ("kv_cache", "latency"))
     if unsupported and specs is None:
         raise BudgetError(f"budget field(s) {unsupported} are not planned for causal LMs in this version (the LM "
-                          "planner chooses a KV policy for kv_cache=, with quality=); set kv_cache=... or choose "
-                          "the pipeline with passes=")
+                          "planner plans latency= and kv_cache=, with quality=); set those or choose the pipeline "
+                          "with passes=")
+    if not isinstance(new_tokens, int) or isinstance(new_tokens, bool) or new_tokens < 2:
+        raise ValueError(f"new_tokens={new_tokens!r} must be an integer >= 2 (tokens generated per calibration "
+                         "prompt when the planner measures latency)")
     calibration = _calibration_ids(calibration)
-    program = capture_lm(model, name, verify=any(s.name == "speculative" for s in specs or []))
+    planning = specs is None and budget_obj is not None and budget_obj.cost_fields
+    if planning and calibration is None:
+        raise TCompileError(f"Budget({budget_obj}) needs calibration text to plan for a causal LM: pass "
+                            "calibration=[token ids tensor, ...] (a few hundred tokens of representative text "
+                            "each; the last 32 of each are teacher-forced to measure agreement)")
+    wants_verify = any(s.name == "speculative" for s in specs or []) or bool(planning and budget_obj.latency)
+    program = capture_lm(model, name, verify=wants_verify)
     notes: list[str] = []
     candidates: list[CandidateRecord] = []
     if specs is None:
-        specs, candidates = _plan(program, budget_obj, calibration, notes)
+        if planning:
+            from tcompile.cost.profile import get_profile
+            from tcompile.runtime.lm_planner import LMPlanner, Workload
+            planner = LMPlanner(program, budget_obj, Workload(calibration, new_tokens=new_tokens),
+                                lambda s: runtime_for(program, s, model)[0], get_profile(target), time_limit)
+            plan = planner.plan()
+            specs, candidates, notes = plan.specs, plan.candidates, plan.notes
+        else:
+            specs = []
+            notes.append("no cost budget (latency= or kv_cache=): the captured model runs unchanged")
     runtime, records = runtime_for(program, specs, model)
     example_args = (program.prefill.example_args, program.decode.example_args)
     engines = lower_lm(runtime, backend, example_args)
     pipeline = format_pipeline(specs)
-    report = Report(program.model_name, pipeline, target="cpu", backend=backend,
+    report = Report(program.model_name, pipeline, target=str(target), backend=backend,
                     budget=budget_obj.to_dict() if budget_obj else None, passes=records, candidates=candidates,
                     versions=versions(), notes=notes)
     return OptimizedLM(runtime, report, pipeline, budget_obj.to_dict() if budget_obj else None, program.model_name,
                        example_args, backend=backend, engines=engines)
-
-
-def _plan(program: LMProgram, budget: Budget | None, calibration: Any, notes: list[str]
-          ) -> tuple[list[PassSpec], list[CandidateRecord]]:
-    kv_budget = getattr(budget, "kv_cache", None) if budget is not None else None
-    if kv_budget is None:
-        notes.append("no kv_cache budget: the full cache is kept (no KV pass)")
-        return [], []
-    if calibration is None:
-        raise TCompileError("Budget(kv_cache=...) needs calibration text to choose a KV policy: pass "
-                            "calibration=[token ids tensor, ...] (a few hundred tokens of representative text each)")
-    batches = calibration
-    reference, _ = runtime_for(program, [])
-    candidates, best = [], None
-    for pass_name, options in PLAN_CANDIDATES:
-        spec = PassSpec.make(pass_name, ratio=kv_budget, **options)
-        runtime, _ = runtime_for(program, [spec])
-        try:
-            cos, agree = logit_fidelity(reference, runtime, batches)
-        except ValueError as exc:   # e.g. the budget leaves less than the policy's window
-            candidates.append(CandidateRecord(format_pipeline([spec]), note=f"not applicable: {exc}"))
-            continue
-        record = CandidateRecord(format_pipeline([spec]), fidelity=cos,
-                                 note=f"top-1 agreement {agree:.3f} with the full cache")
-        candidates.append(record)
-        if best is None or cos > best[0]:
-            best = (cos, spec, record)
-    if best is None:
-        raise TCompileError(f"no KV policy applies at kv_cache={kv_budget} on this calibration text: "
-                            + "; ".join(c.note for c in candidates))
-    best[2].chosen = True
-    best[2].note += "; chosen: highest logit fidelity at this budget"
-    if budget.quality is not None and best[0] < budget.quality:
-        notes.append(f"no KV policy reaches quality {budget.quality} at kv_cache={kv_budget}: best "
-                     f"{best[0]:.4f} ({format_pipeline([best[1]])})")
-    return [best[1]], candidates

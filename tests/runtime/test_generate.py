@@ -109,7 +109,7 @@ def test_kv_cache_budget_plans_among_policies(llama):
     ("kv_cache=0.5", [], "calibration is empty"),
     ("kv_cache=0.5", [torch.randn(3, 4)], r"calibration\[0\] must be the token ids"),
     ("kv_cache=0.5", [torch.arange(10)], r"calibration\[0\] has 10 tokens"),
-    ("latency=0.5", None, r"\['latency'\] are not planned for causal LMs"),
+    ("flops=0.5", None, r"\[.flops.\] are not planned for causal LMs"),
 ])
 def test_lm_budget_and_calibration_errors(llama, budget, calibration, message):
     with pytest.raises((tcompile.TCompileError, ValueError), match=message):

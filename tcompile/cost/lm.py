@@ -1,0 +1,81 @@
+"""Predicted latency of a causal-LM generation workload: prefill + decode steps (+ speculation).
+
+Why analytic: the LM planner ranks a dozen plans before it measures any, and one measured
+SmolLM2 generation costs seconds. Each step graph is priced by the roofline model
+(:func:`tcompile.cost.predict_latency`) at the shapes the workload gives it, fake tensors only:
+
+- prefill: the (rewritten) prefill graph at the prompt length; with GemFilter, the filter graph
+  at the prompt length plus the prefill at the kept length;
+- decode: the decode graph at the cache size of the step (the prompt plus half the new tokens
+  for a growing cache, the policy's capacity for an evicting one), times the steps;
+- speculation: one verify step per ``tokens_per_step`` emitted tokens (the expected accepted
+  length + 1, from :func:`tcompile.runtime.acceptance_sim.simulate_acceptance`). A verify step
+  of ``T`` draft tokens is priced as a decode step plus ``T`` tokens of the decode graph's
+  matmul FLOPs at the profile's matmul rate: on CPU a step reads the weights once, and the extra
+  tokens add compute only.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from tcompile import _compat
+from tcompile.cost.flops import graph_cost
+from tcompile.cost.model import node_dtype, predict_latency
+
+
+def priced_at(gm: Any, args: Sequence[Any], profile: Any) -> float:
+    """Predicted seconds of ``gm`` on inputs shaped like ``args``: shapes re-propagated (fake
+    tensors) on a copy, so the graph is priced at that size, not at its traced example."""
+    gm = _compat.clone_graph_module(gm)
+    _compat.fake_propagate(gm, tree_leaves(list(args)))
+    return predict_latency(gm, profile)
+
+
+def prefill_args(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of one ``tokens``-long prompt: the prefill graph's inputs."""
+    ids = torch.zeros(1, tokens, dtype=torch.long)
+    return ids, torch.ones_like(ids)
+
+
+def decode_args(spec: Any, slots: int) -> tuple[Any, ...]:
+    """The decode graph's inputs for one row and a cache of ``slots`` entries (see DecodeStep)."""
+    kv = tuple(torch.zeros(1, spec.kv_heads, slots, spec.head_dim, dtype=spec.dtype)
+               for _ in range(2 * spec.num_layers))
+    return (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+            torch.ones(1, slots, dtype=torch.bool), torch.zeros(1, spec.num_layers, spec.kv_heads, dtype=torch.long),
+            kv)
+
+
+def price_prefill(prefill: Any, tokens: int, profile: Any, prompt_filter: Any = None) -> float:
+    """Seconds of the prefill of a ``tokens`` prompt (GemFilter's filter run included)."""
+    if prompt_filter is None or tokens <= prompt_filter.keep:
+        return priced_at(prefill, prefill_args(tokens), profile)
+    return (priced_at(prompt_filter.fn, prefill_args(tokens), profile)
+            + priced_at(prefill, prefill_args(prompt_filter.keep), profile))
+
+
+def matmul_seconds_per_token(decode: Any, profile: Any) -> float:
+    """Compute time one more token adds to a step: the decode graph's matmul FLOPs at the
+    profile's matmul rate (what a verify step pays per draft token on a weight-bound device)."""
+    from tcompile.cost.model import _resolve
+    p = _resolve(profile)
+    gm = getattr(decode, "graph_module", decode)
+    cost = graph_cost(gm)
+    dtype = next((node_dtype(n) for n in gm.graph.nodes if n.op == "call_function"), "float32")
+    flops = sum(c.flops for _, c in cost.nodes if c.kind in ("matmul", "attention"))
+    return flops / p.matmul_rate(dtype)
+
+
+def price_generation(decode: Any, spec: Any, prefill_s: float, context: int, new_tokens: int, profile: Any,
+                     tokens_per_step: float = 1.0, draft_tokens: int = 0) -> float:
+    """Seconds to generate ``new_tokens`` after a prefill of ``prefill_s``: decode steps priced at a
+    cache of ``context`` slots; with speculation, ``new_tokens / tokens_per_step`` verify steps
+    of ``draft_tokens`` drafts each."""
+    step = priced_at(decode, decode_args(spec, context), profile)
+    if draft_tokens:
+        step += draft_tokens * matmul_seconds_per_token(decode, profile)
+    steps = max(new_tokens - 1, 0) / max(tokens_per_step, 1.0)
+    return prefill_s + steps * step
