@@ -108,7 +108,7 @@ def lm_part(rounds: int, time_limit: float, new_tokens: int, workload: str) -> N
     except tcompile.BudgetUnreachableError as exc:
         plan_s = time.perf_counter() - started
         print(f"unreachable after {plan_s:.0f} s: {exc}")
-        save(f"planner_budget_lm_{workload}", {"budget": budget.to_dict(), "workload": workload, "met": False,
+        save(f"planner_budget_lm_{workload}_{new_tokens}", {"budget": budget.to_dict(), "workload": workload, "met": False,
                                                 "unreachable": str(exc), "best": exc.best, "planning_s": plan_s})
         return
     plan_s = time.perf_counter() - started
@@ -134,12 +134,12 @@ def lm_part(rounds: int, time_limit: float, new_tokens: int, workload: str) -> N
               f"KL {fid.kl:.4f}", flush=True)
     met = results["calibration"]["latency_ratio"] <= 0.6 and results["calibration"]["agreement"] >= 0.95
     if not hasattr(opt.runtime, "verify_fn"):
-        opt.export(f"out/planner_lm_{workload}")
+        opt.export(f"out/planner_lm_{workload}_{new_tokens}")
     else:
-        Path(f"out/planner_lm_{workload}").mkdir(parents=True, exist_ok=True)
+        Path(f"out/planner_lm_{workload}_{new_tokens}").mkdir(parents=True, exist_ok=True)
         for suffix in ("json", "md", "html"):
-            opt.report.save(f"out/planner_lm_{workload}/report.{suffix}")
-    save(f"planner_budget_lm_{workload}", {
+            opt.report.save(f"out/planner_lm_{workload}_{new_tokens}/report.{suffix}")
+    save(f"planner_budget_lm_{workload}_{new_tokens}", {
         "budget": budget.to_dict(), "workload": workload, "new_tokens": new_tokens, "pipeline": opt.pipeline,
         "planning_s": plan_s, "time_limit": time_limit, "results": results, "met": met,
         "candidates": [c.__dict__ for c in opt.report.candidates], "notes": opt.report.notes,

@@ -25,6 +25,7 @@ from tcompile.program import Program
 from tcompile.progress import Stages
 from tcompile.registry import as_specs, format_pipeline
 from tcompile.report import Report
+from tcompile.report.op_profile import profile_ops
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,8 @@ def _measure(report: Report, baseline: Program, runner: Any, batches: list, repe
                                   "repeats": repeats, "batch": _batch_size(batches[0])}
     report.fidelity = {"metric": "cosine", "value": fidelity_on(baseline.gm, runner, batches),
                        "n": sum(_batch_size(b) or 0 for b in batches)}
+    args, kwargs = batches[0]
+    report.op_profile = profile_ops(lambda: runner(*args, **kwargs))
 
 
 def _attach_output_mode(report: Report, records: list) -> None:

@@ -35,6 +35,8 @@ def test_flops_budget_picks_least_aggressive_plan(vit_model, vit_inputs):
                                    example_inputs=vit_inputs, measure=False)
         assert weaker.report.flops["optimized"] / weaker.report.flops["baseline"] > 0.7
     assert rep.fidelity["value"] > 0.9 and rep.latency["measured"]["baseline"] > 0
+    ops = [o["op"] for o in rep.op_profile]              # torch.profiler's table of the optimized model
+    assert ops and all(o["self_ms"] >= 0 for o in rep.op_profile) and any(op.startswith("aten::") for op in ops)
     assert all(torch.equal(v, before[k]) for k, v in vit_model.state_dict().items())
     y = opt(pixel_values=torch.randn(3, 3, 32, 32))
     assert y.logits.shape == (3, 5)

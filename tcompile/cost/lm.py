@@ -7,7 +7,8 @@ SmolLM2 generation costs seconds. Each step graph is priced by the roofline mode
 - prefill: the (rewritten) prefill graph at the prompt length; with GemFilter, the filter graph
   at the prompt length plus the prefill at the kept length;
 - decode: the decode graph at the cache size of the step (the prompt plus half the new tokens
-  for a growing cache, the policy's capacity for an evicting one), times the steps;
+  for a growing cache, the policy's capacity for an evicting one), times the steps; the cost
+  is linear in the cache size, so each decode graph is priced at two sizes (:class:`StepPricer`);
 - speculation: one verify step per ``tokens_per_step`` emitted tokens (the expected accepted
   length + 1, from :func:`tcompile.runtime.acceptance_sim.simulate_acceptance`). A verify step
   of ``T`` draft tokens is priced as a decode step plus ``T`` tokens of the decode graph's
@@ -49,33 +50,59 @@ def decode_args(spec: Any, slots: int) -> tuple[Any, ...]:
             kv)
 
 
-def price_prefill(prefill: Any, tokens: int, profile: Any, prompt_filter: Any = None) -> float:
-    """Seconds of the prefill of a ``tokens`` prompt (GemFilter's filter run included)."""
-    if prompt_filter is None or tokens <= prompt_filter.keep:
-        return priced_at(prefill, prefill_args(tokens), profile)
-    return (priced_at(prompt_filter.fn, prefill_args(tokens), profile)
-            + priced_at(prefill, prefill_args(prompt_filter.keep), profile))
+class StepPricer:
+    """Prices a causal LM's step graphs for one device profile, caching what it priced.
 
+    Why the cache and the line: fake-propagating SmolLM2's ~2,000-node graphs takes seconds, and
+    the planner prices a dozen plans at several sizes. A decode step's cost is linear in the
+    cache size (attention reads and cache bytes; everything else is constant), so each decode
+    graph is priced at two sizes and read off the line; a prefill graph is priced per prompt
+    length, once."""
 
-def matmul_seconds_per_token(decode: Any, profile: Any) -> float:
-    """Compute time one more token adds to a step: the decode graph's matmul FLOPs at the
-    profile's matmul rate (what a verify step pays per draft token on a weight-bound device)."""
-    from tcompile.cost.model import _resolve
-    p = _resolve(profile)
-    gm = getattr(decode, "graph_module", decode)
-    cost = graph_cost(gm)
-    dtype = next((node_dtype(n) for n in gm.graph.nodes if n.op == "call_function"), "float32")
-    flops = sum(c.flops for _, c in cost.nodes if c.kind in ("matmul", "attention"))
-    return flops / p.matmul_rate(dtype)
+    LINE_AT = (256, 2048)
 
+    def __init__(self, spec: Any, profile: Any) -> None:
+        self.spec, self.profile = spec, profile
+        self._cache: dict[tuple, float] = {}
+        self._alive: list[Any] = []     # graphs priced so far: kept so their id() is never reused
 
-def price_generation(decode: Any, spec: Any, prefill_s: float, context: int, new_tokens: int, profile: Any,
-                     tokens_per_step: float = 1.0, draft_tokens: int = 0) -> float:
-    """Seconds to generate ``new_tokens`` after a prefill of ``prefill_s``: decode steps priced at a
-    cache of ``context`` slots; with speculation, ``new_tokens / tokens_per_step`` verify steps
-    of ``draft_tokens`` drafts each."""
-    step = priced_at(decode, decode_args(spec, context), profile)
-    if draft_tokens:
-        step += draft_tokens * matmul_seconds_per_token(decode, profile)
-    steps = max(new_tokens - 1, 0) / max(tokens_per_step, 1.0)
-    return prefill_s + steps * step
+    def _priced(self, gm: Any, key: tuple, args: Sequence[Any]) -> float:
+        full = (id(gm),) + key
+        if full not in self._cache:
+            self._cache[full] = priced_at(gm, args, self.profile)
+            self._alive.append(gm)
+        return self._cache[full]
+
+    def prefill(self, prefill: Any, tokens: int, prompt_filter: Any = None) -> float:
+        """Seconds of the prefill of a ``tokens`` prompt (GemFilter's filter run included)."""
+        if prompt_filter is None or tokens <= prompt_filter.keep:
+            return self._priced(prefill, ("prefill", tokens), prefill_args(tokens))
+        return (self._priced(prompt_filter.fn, ("prefill", tokens), prefill_args(tokens))
+                + self._priced(prefill, ("prefill", prompt_filter.keep), prefill_args(prompt_filter.keep)))
+
+    def decode(self, decode: Any, slots: int) -> float:
+        """Seconds of one decode step over a cache of ``slots`` entries (read off the line)."""
+        (s0, s1) = self.LINE_AT
+        y0 = self._priced(decode, ("decode", s0), decode_args(self.spec, s0))
+        y1 = self._priced(decode, ("decode", s1), decode_args(self.spec, s1))
+        return y0 + (y1 - y0) * (slots - s0) / (s1 - s0)
+
+    def matmul_per_token(self, decode: Any) -> float:
+        """Compute time one more token adds to a step: the decode graph's matmul FLOPs at the
+        profile's matmul rate (what a verify step pays per draft token on a weight-bound device)."""
+        key = (id(decode), "matmul")
+        if key not in self._cache:
+            from tcompile.cost.model import _resolve
+            gm = getattr(decode, "graph_module", decode)
+            dtype = next((node_dtype(n) for n in gm.graph.nodes if n.op == "call_function"), "float32")
+            flops = sum(c.flops for _, c in graph_cost(gm).nodes if c.kind in ("matmul", "attention"))
+            self._cache[key] = flops / _resolve(self.profile).matmul_rate(dtype)
+        return self._cache[key]
+
+    def generation(self, decode: Any, prefill_s: float, context: int, new_tokens: int,
+                   tokens_per_step: float = 1.0, draft_tokens: int = 0) -> float:
+        """Seconds to generate ``new_tokens`` after a prefill of ``prefill_s``: decode steps at a
+        cache of ``context`` slots; with speculation, ``new_tokens / tokens_per_step`` verify
+        steps of ``draft_tokens`` drafts each."""
+        step = self.decode(decode, context) + draft_tokens * self.matmul_per_token(decode)
+        return prefill_s + max(new_tokens - 1, 0) / max(tokens_per_step, 1.0) * step

@@ -290,6 +290,11 @@ def render_html(report: Report) -> str:
         b.append(_table(["#", "", "pipeline", "FLOPs ratio", "pred. latency ratio",
                          "meas. latency ratio", "fidelity", "note"], rows, "candidates-table",
                         ["chosen" if c.chosen else "" for c in r.candidates], (0, 3, 4, 5, 6)))
+    b.append("<h2>Where the time goes (torch.profiler, optimized model)</h2>")
+    b.append(_table(["op", "calls", "self time (ms)", "share"],
+                    [[_code(o.get("op")), o.get("calls"), o.get("self_ms"), f"{100 * (o.get('share') or 0):.1f}%"]
+                     for o in r.op_profile], "op-profile-table", numeric=(1, 2, 3))
+             if r.op_profile else _nodata("not profiled"))
     for title, mapping in (("Device", r.device), ("Versions", r.versions)):
         rows = [[str(n), v] for n, v in mapping.items()]
         b.append(f"<h2>{title}</h2>" + (_table(["key", "value"], rows, f"{title.lower()}-table")

@@ -126,6 +126,12 @@ def render_markdown(report: Report) -> str:
     if r.lowering:
         md += ["## Lowering", "", f"- {_text(lowering_text(r.lowering))}", ""]
 
+    md += ["## Where the time goes (torch.profiler, optimized model)", ""]
+    md += (_table(["op", "calls", "self time (ms)", "share"],
+                  [[_code(o.get("op")), o.get("calls"), o.get("self_ms"), f"{100 * (o.get('share') or 0):.1f}%"]
+                   for o in r.op_profile], numeric=(1, 2, 3), raw=(0,))
+           if r.op_profile else ["_not profiled_", ""])
+
     for title, mapping in (("Device", r.device), ("Versions", r.versions)):
         md += [f"## {title}", ""]
         md += (_table(["key", "value"], [[str(n), v] for n, v in mapping.items()])

@@ -81,6 +81,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     # backend capability: ops run in the engine, fallbacks (outside it), unsupported, partitions
     lowering: dict[str, Any] = field(default_factory=dict)
+    # torch.profiler's top ops of one optimized run: {"op", "calls", "self_ms", "share"}
+    op_profile: list[dict[str, Any]] = field(default_factory=list)
     created: str = ""
 
     def __post_init__(self) -> None:
@@ -185,6 +187,9 @@ class Report:
                 f"{k}={format_value(v)}" for k, v in measured if v is not None]
             line += "".join(f"  {x}" for x in parts if x)
             out.append(line + (f"  -- {p.reason}" if p.reason else ""))
+        if self.op_profile:
+            top = ", ".join(f"{o.get('op')} {100 * (o.get('share') or 0):.0f}%" for o in self.op_profile[:3])
+            out.append(f"  top ops  : {top}")
         if self.candidates:
             out.append("candidates:  (* = chosen; ratios are optimized/baseline)")
             out.append(f"    {'flops':>7} {'pred':>7} {'meas':>7} {'fid':>7}  pipeline")

@@ -24,6 +24,7 @@ from tcompile.pass_manager import PassManager
 from tcompile.passes.kv_eviction import POLICIES, is_kv_pass, make_policy
 from tcompile.registry import PassSpec, as_specs, format_pipeline
 from tcompile.report import Report
+from tcompile.report.op_profile import profile_ops
 from tcompile.report.report import CandidateRecord
 from tcompile.runtime.generate import LMRuntime, PromptFilter
 from tcompile.runtime.lm_capture import LMProgram, capture_lm, inplace_cache_writes
@@ -37,7 +38,8 @@ class OptimizedLM:
     def __init__(self, runtime: LMRuntime, report: Report, pipeline: str, budget: dict | None, model_name: str,
                  example_args: tuple[tuple, tuple] | None = None, backend: str = "eager",
                  engines: tuple[Path, list[str]] | None = None) -> None:
-        """``example_args``: (prefill args, decode args) to re-export the graphs; None for a loaded artifact.
+        """``example_args``: (prefill args, decode args[, verify args]) to re-export the graphs; None for a
+        loaded artifact.
         ``engines``: (directory, file names) of the backend's step engines, copied into exports."""
         self.runtime, self.report, self.engines = runtime, report, engines
         self.pipeline, self.budget, self.backend = pipeline, budget, backend
@@ -73,16 +75,14 @@ class OptimizedLM:
         if self._example_args is None:
             raise TCompileError(f"{self.model_name} was loaded from an artifact; copy that directory instead "
                                 "of exporting it again")
-        if hasattr(self.runtime, "verify_fn"):
-            raise TCompileError("artifacts do not hold the speculative pass's verify graph and drafter yet: "
-                                "optimize without the speculative pass to export (the artifact then decodes "
-                                "without speculation), or keep this OptimizedLM in the process")
         path = Path(path)
         if path.exists() and any(path.iterdir()) and not (path / "manifest.json").exists():
             raise ArtifactError(f"{path} exists and is not a tcompile artifact; refusing to overwrite it. "
                                 "Choose an empty or new directory")
         with staged_directory(path) as staging:
-            files = save_lm(self.runtime, *self._example_args, self.pipeline, staging)
+            prefill_args, decode_args, *verify_args = self._example_args
+            files = save_lm(self.runtime, prefill_args, decode_args, self.pipeline, staging,
+                            verify_args[0] if verify_args else None)
             if self.engines is not None:
                 directory, names = self.engines
                 for name in names:
@@ -194,7 +194,8 @@ def runtime_for(program: LMProgram, specs: list[PassSpec], model: torch.nn.Modul
     filt = prompt_filter(prefill.info.get("prompt_filter"), prune)
     if spec_dec:
         from tcompile.runtime.speculative_build import build_speculative
-        runtime = build_speculative(program, spec_dec[0].options, model, prefill=prefill.gm,
+        runtime = build_speculative(program.spec, program.verify.gm if program.verify else None, spec_dec[0].options,
+                                    model, prefill=prefill.gm,
                                     decode=inplace_cache_writes(decode.gm), policy=policy, decode_graph=decode.gm,
                                     prompt_filter=filt)
     else:
@@ -275,9 +276,14 @@ def optimize_lm(model: torch.nn.Module, budget: Any = None, passes: Any = None, 
     runtime, records = runtime_for(program, specs, model)
     example_args = (program.prefill.example_args, program.decode.example_args)
     engines = lower_lm(runtime, backend, example_args)
+    if program.verify is not None:
+        example_args += (program.verify.example_args,)
     pipeline = format_pipeline(specs)
     report = Report(program.model_name, pipeline, target=str(target), backend=backend,
                     budget=budget_obj.to_dict() if budget_obj else None, passes=records, candidates=candidates,
                     versions=versions(), notes=notes)
+    if calibration:                      # where a short generation of the chosen plan spends its time
+        prompt = calibration[0][:-32]
+        report.op_profile = profile_ops(lambda: runtime.generate(prompt[None], max_new_tokens=8, eos_token_id=[]))
     return OptimizedLM(runtime, report, pipeline, budget_obj.to_dict() if budget_obj else None, program.model_name,
                        example_args, backend=backend, engines=engines)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from tcompile.budget import Budget
-from tcompile.cost.lm import price_generation, price_prefill
+from tcompile.cost.lm import StepPricer
 from tcompile.errors import BudgetUnreachableError, TCompileError
 from tcompile.pass_manager import PassManager
 from tcompile.passes.kv_eviction import is_kv_pass, make_policy
@@ -202,6 +202,8 @@ class LMPlanner:
                            for p, t in zip(workload.prompts, workload.texts)]
         self._generated: list[torch.Tensor] | None = None
         self._base_pred: float | None = None
+        self.pricer = StepPricer(program.spec, profile)
+        self._prefills: dict[str, tuple[Any, Any]] = {}
 
     # -- measuring ------------------------------------------------------------------------------
     def _run(self, runtime: LMRuntime) -> tuple[float, list[torch.Tensor]]:
@@ -241,36 +243,42 @@ class LMPlanner:
         return runtime
 
     # -- predicting -----------------------------------------------------------------------------
-    def predict(self, specs: list[PassSpec]) -> float:
-        """Predicted workload seconds of a pipeline (see :mod:`tcompile.cost.lm`)."""
-        spec, w = self.program.spec, self.workload
+    def _prefill_graph(self, specs: list[PassSpec]) -> tuple[Any, Any]:
+        """(prefill graph, GemFilter stage or None) of the pipeline's prefill-changing passes."""
         prefill_specs = [s for s in specs if s.name in ("sparse_attention", "prompt_pruning")]
-        prefill, filt = self.program.prefill.gm, None
-        if prefill_specs:
+        if not prefill_specs:
+            return self.program.prefill.gm, None
+        key = format_pipeline(prefill_specs)
+        if key not in self._prefills:
             rewritten, _ = PassManager(verify=False).run(self.program.prefill, prefill_specs)
-            prefill = rewritten.gm
             prune = [s for s in prefill_specs if s.name == "prompt_pruning"]
-            if prune:
-                from tcompile.runtime.lm_optimize import prompt_filter
-                filt = prompt_filter(rewritten.info.get("prompt_filter"), prune)
+            from tcompile.runtime.lm_optimize import prompt_filter
+            self._prefills[key] = (rewritten.gm, prompt_filter(rewritten.info.get("prompt_filter"), prune))
+        return self._prefills[key]
+
+    def predict(self, specs: list[PassSpec]) -> float:
+        """Predicted workload seconds of a pipeline (see :mod:`tcompile.cost.lm`). Every prompt is
+        priced at the workload's mean prompt length (one priced prefill per graph)."""
+        w = self.workload
+        prefill, filt = self._prefill_graph(specs)
         kv = next((s for s in specs if is_kv_pass(s.name)), None)
         spec_dec = next((s for s in specs if s.name == "speculative"), None)
+        n = round(statistics.fmean(int(p.numel()) for p in w.prompts))
+        kept = min(n, filt.keep) if filt is not None else n
+        context = kept + w.new_tokens // 2
+        if kv is not None:
+            context = make_policy(kv.name, kv.options).capacity(kept) + (
+                1 if kv.options.decode == "evict" else w.new_tokens // 2)
+        prefill_s = self.pricer.prefill(prefill, n, filt)
         total = 0.0
         for i, prompt in enumerate(w.prompts):
-            n = int(prompt.numel())
-            kept = min(n, filt.keep) if filt is not None else n
-            context = kept + w.new_tokens // 2
-            if kv is not None:
-                policy = make_policy(kv.name, kv.options)
-                context = policy.capacity(kept) + (1 if kv.options.decode == "evict" else w.new_tokens // 2)
             per_step, drafts = 1.0, 0
             if spec_dec is not None:
                 from tcompile.runtime.speculative_build import make_drafter
-                drafter = make_drafter(spec_dec.options, self.program, None)
+                drafter = make_drafter(spec_dec.options, self.program.spec, None)
                 logits = self._recycling_logits(i) if spec_dec.options.drafter == "token_recycling" else None
                 per_step, drafts = simulate_acceptance(drafter, prompt, self.generated[i], spec_dec.options.k, logits)
-            total += price_generation(self.program.decode.gm, spec, price_prefill(prefill, n, self.profile, filt),
-                                      context, w.new_tokens, self.profile, per_step, drafts)
+            total += self.pricer.generation(self.program.decode.gm, prefill_s, context, w.new_tokens, per_step, drafts)
         return total
 
     def _recycling_logits(self, i: int) -> torch.Tensor:
@@ -362,37 +370,50 @@ class LMPlanner:
             self.measure(cand)
         tried += singles
         if not any(self._meets(c) for c in tried):
-            tried += self._compose([c for c in singles if c.measured is not None], base_kv)
+            tried += self._compose(singles, base_kv)
         winners = [c for c in tried if self._meets(c)]
         if not winners:
             return self._unreachable(tried)
         return self._finish(tried, max(winners, key=lambda c: (c.fidelity.agreement, -c.measured)))
 
-    def _compose(self, measured: list[LMCandidate], base_kv: list[PassSpec]) -> list[LMCandidate]:
-        """Greedy composition: start from the fastest plan that keeps the quality, add the fastest
-        plan of another family, measure, keep going while it helps and time remains."""
-        q = self.budget.quality
-        keep = sorted((c for c in measured if q is None or c.fidelity.agreement >= q), key=lambda c: c.measured)
+    def _compose(self, singles: list[LMCandidate], base_kv: list[PassSpec]) -> list[LMCandidate]:
+        """Greedy over families: start from the fastest measured plan that keeps the quality; for
+        each other family (most promising first), add its settings least aggressive first, priced
+        as a composition, measuring those predicted within the budget; keep a composition that
+        keeps the quality and is faster, and stop once one meets the budget or time runs out."""
+        q, limit = self.budget.quality, (self.budget.latency or 1.0) * SLACK
+        keep = [c for c in singles if c.measured is not None and (q is None or c.fidelity.agreement >= q)]
         out: list[LMCandidate] = []
-        if len(keep) < 2:
+        if not keep:
             return out
-        current = keep[0]
-        for other in keep[1:]:
-            if not self._time_left() or self._meets(current):
-                break
-            extra = [s for s in other.specs if s not in base_kv]
-            if any(family_of(s) in current.families for s in extra):
-                continue
-            cand = LMCandidate(current.specs + extra, note="composed")
-            try:
-                cand.predicted = self.predicted_ratio(cand.specs)
-            except (TCompileError, ValueError):
-                pass
-            self.measure(cand)
-            out.append(cand)
-            if cand.measured is not None and cand.measured < current.measured and \
-                    (q is None or cand.fidelity.agreement >= q):
-                current = cand
+        current = min(keep, key=lambda c: c.measured)
+        by_family: dict[str, list[LMCandidate]] = {}
+        for c in singles:
+            f = family_of(c.specs[-1])
+            if f not in current.families and c.predicted is not None:
+                by_family.setdefault(f, []).append(c)
+        order = sorted(by_family, key=lambda f: min(c.predicted for c in by_family[f]))
+        for fam in order:
+            for other in sorted(by_family[fam], key=lambda c: -c.predicted):   # least aggressive first
+                if not self._time_left() or self._meets(current):
+                    return out
+                cand = LMCandidate(current.specs + [s for s in other.specs if s not in base_kv], note="composed")
+                try:
+                    cand.predicted = self.predicted_ratio(cand.specs)
+                except (TCompileError, ValueError) as exc:
+                    cand.note = f"composed; not applicable: {exc}"
+                    out.append(cand)
+                    continue
+                if cand.predicted > limit:
+                    cand.note = f"composed; not measured: predicted latency ratio {cand.predicted:.3f} > budget × {SLACK}"
+                    out.append(cand)
+                    continue
+                self.measure(cand)
+                out.append(cand)
+                if cand.measured is not None and cand.measured < current.measured and \
+                        (q is None or cand.fidelity.agreement >= q):
+                    current = cand
+                    break                  # this family is in; on to the next
         return out
 
     def _finish(self, tried: list[LMCandidate], chosen: LMCandidate) -> LMPlan:

@@ -26,7 +26,7 @@ import torch
 from tcompile.errors import PassOptionError
 from tcompile.runtime.drafters import Drafter, DraftTree
 from tcompile.runtime.generate import LMRuntime
-from tcompile.runtime.lm_capture import LMProgram, capture_lm, inplace_cache_writes
+from tcompile.runtime.lm_capture import LMProgram, LMSpec, capture_lm, inplace_cache_writes
 from tcompile.runtime.sampling import warp_logits
 from tcompile.runtime.speculative import commit, pack, verify_into
 
@@ -186,9 +186,9 @@ def choose_skip(model: torch.nn.Module, calibration: torch.Tensor, k: int, ratio
     return tuple(sorted(best))
 
 
-def make_model_drafter(options: Any, program: LMProgram, model: torch.nn.Module | None,
+def make_model_drafter(options: Any, spec: LMSpec, model: torch.nn.Module | None,
                        calibration: torch.Tensor | None = None) -> Drafter:
-    """The ``draft_model`` or ``layer_skip`` drafter of ``options`` for the target ``program``."""
+    """The ``draft_model`` or ``layer_skip`` drafter of ``options`` for the target LM (``spec``)."""
     if options.drafter == "draft_model":
         draft = options.draft
         if isinstance(draft, torch.nn.Module):
@@ -196,10 +196,10 @@ def make_model_drafter(options: Any, program: LMProgram, model: torch.nn.Module 
         if not isinstance(draft, LMProgram):
             raise PassOptionError(f"draft={type(draft).__name__} is not a causal LM; pass a transformers causal LM "
                                   "(or an LMProgram from capture_lm(model, verify=True))")
-        if draft.spec.vocab_size != program.spec.vocab_size:
+        if draft.spec.vocab_size != spec.vocab_size:
             raise PassOptionError(
                 f"the draft model has a vocabulary of {draft.spec.vocab_size} tokens, the target "
-                f"{program.spec.vocab_size}: speculative decoding needs a draft with the target's tokenizer "
+                f"{spec.vocab_size}: speculative decoding needs a draft with the target's tokenizer "
                 "(a smaller model of the same family), or a model-free drafter (prompt_lookup, token_recycling)")
         return ModelDrafter(draft, options.fallback)
     if model is None:
@@ -208,7 +208,7 @@ def make_model_drafter(options: Any, program: LMProgram, model: torch.nn.Module 
     skip = options.skip
     if skip is None:
         if calibration is None:
-            calibration = torch.randint(0, program.spec.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+            calibration = torch.randint(0, spec.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
         skip = choose_skip(model, calibration.reshape(1, -1), options.k, options.skip_ratio)
     drafter = ModelDrafter(capture_lm(skip_layers(model, tuple(skip)), "layer_skip", verify=True), options.fallback)
     drafter.name = "layer_skip"

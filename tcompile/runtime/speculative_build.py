@@ -8,20 +8,19 @@ import torch
 from tcompile.errors import PassOptionError
 from tcompile.passes.speculative import SpeculativeOptions
 from tcompile.runtime.drafters import Drafter, PromptLookup, TokenRecycling, budget_tree
-from tcompile.runtime.lm_capture import LMProgram, inplace_cache_writes
+from tcompile.runtime.lm_capture import LMSpec, inplace_cache_writes
 from tcompile.runtime.speculative import SpeculativeRuntime
 from tcompile.runtime.speculative_kv import expose_attention_rows
 
 
-def make_drafter(options: SpeculativeOptions, program: LMProgram, model: torch.nn.Module | None) -> Drafter:
-    """The drafter ``options`` name, for the LM of ``program``."""
+def make_drafter(options: SpeculativeOptions, spec: LMSpec, model: torch.nn.Module | None) -> Drafter:
+    """The drafter ``options`` name, for the target LM described by ``spec``."""
     if options.drafter == "prompt_lookup":
         return PromptLookup(options.max_ngram, options.min_ngram, options.branches)
     if options.drafter == "token_recycling":
-        return TokenRecycling(program.spec.vocab_size, options.top_k,
-                              budget_tree(options.tree_nodes, options.top_k, options.k))
+        return TokenRecycling(spec.vocab_size, options.top_k, budget_tree(options.tree_nodes, options.top_k, options.k))
     from tcompile.runtime.model_drafters import make_model_drafter
-    return make_model_drafter(options, program, model)
+    return make_model_drafter(options, spec, model)
 
 
 def embedding_neighbours(gm: torch.nn.Module, count: int) -> Callable[[], torch.Tensor]:
@@ -49,18 +48,22 @@ def _input_embedding(gm: torch.nn.Module) -> torch.Tensor:
                           "none was found in the graph (use acceptance='sample')")
 
 
-def build_speculative(program: LMProgram, options: SpeculativeOptions, model: torch.nn.Module | None,
-                      **runtime_kwargs: Any) -> SpeculativeRuntime:
-    """The ``SpeculativeRuntime`` of ``program`` (which must hold a verify graph)."""
-    if program.verify is None:
+def build_speculative(spec: LMSpec, verify: torch.fx.GraphModule | None, options: SpeculativeOptions,
+                      model: torch.nn.Module | None, **runtime_kwargs: Any) -> SpeculativeRuntime:
+    """The ``SpeculativeRuntime`` around the functional ``verify`` graph (``capture_lm(...,
+    verify=True)``'s, or an artifact's). The graph and options are kept on the runtime
+    (``verify_graph``, ``speculative_options``) so it can be exported again."""
+    if verify is None:
         raise PassOptionError("the speculative pass needs the verify graph: capture with capture_lm(model, "
                               "verify=True) (tcompile.optimize does this when the pipeline names speculative)")
     policy = runtime_kwargs.get("policy")
-    verify = program.verify.gm
+    step = verify
     if policy is not None and policy.options.decode == "evict" and policy.decode_scores:
-        verify = expose_attention_rows(verify, program.spec.kv_heads)   # H2O, TOVA rank by each token's attention
-    drafter = make_drafter(options, program, model)
+        step = expose_attention_rows(verify, spec.kv_heads)   # H2O, TOVA rank by each token's attention
+    drafter = make_drafter(options, spec, model)
     prefill, decode = runtime_kwargs.pop("prefill"), runtime_kwargs.pop("decode")
-    return SpeculativeRuntime(prefill, decode, program.spec, inplace_cache_writes(verify), drafter,
-                              options.k, options.acceptance, options.delta,
-                              embedding_neighbours(program.verify.gm, options.neighbours), **runtime_kwargs)
+    runtime = SpeculativeRuntime(prefill, decode, spec, inplace_cache_writes(step), drafter, options.k,
+                                 options.acceptance, options.delta, embedding_neighbours(verify, options.neighbours),
+                                 **runtime_kwargs)
+    runtime.verify_graph, runtime.speculative_options = verify, options
+    return runtime

@@ -46,6 +46,8 @@ def filled(**over: object) -> Report:
         ],
         device={"name": "xeon-16c", "matmul_gflops": 1450.0, "bandwidth_gbs": 180.0},
         versions={"tcompile": "0.1.0", "torch": "2.13.0"},
+        op_profile=[{"op": "aten::addmm", "calls": 48, "self_ms": 7.1, "share": 0.61},
+                    {"op": "aten::_softmax", "calls": 12, "self_ms": 1.2, "share": 0.10}],
         notes=["measured on batch 8"],
         created="2025-01-01T00:00:00+00:00",
     )
@@ -214,6 +216,8 @@ def test_html_renders_headless_in_chromium_with_its_charts(tmp_path: Path) -> No
         svg = re.search(rf'<svg id="{chart}".*?</svg>', dom, re.S)
         assert svg is not None, f"{chart} missing from the rendered DOM"
         assert re.search(r"<(path|polyline|circle|rect)\b", svg.group(0)), f"{chart} has no drawn marks"
+    table = re.search(r'<table[^>]*id="op-profile-table".*?</table>', dom, re.S)
+    assert table is not None and "aten::addmm" in table.group(0), "the torch.profiler op table is missing"
     shot = tmp_path / "shot.png"
     subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2000", path.as_uri()],
                    capture_output=True, timeout=120)

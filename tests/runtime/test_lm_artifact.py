@@ -48,3 +48,25 @@ def test_export_refuses_a_foreign_directory(exported, tmp_path):
     with pytest.raises(ArtifactError, match="not a tcompile artifact"):
         opt.export(tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("passes", ["speculative{k=4}", "kv_h2o{tokens=8},speculative{drafter=token_recycling}"])
+def test_speculative_plans_export_and_decode_the_same_tokens(llama, prompts, tmp_path, passes):
+    """The planner may choose speculative decoding: its verify program and (model-free) drafter
+    come back from the artifact, and the loaded runtime decodes greedily token for token alike."""
+    ids, mask = prompts
+    opt = tcompile.optimize(llama, passes=passes)
+    path = opt.export(tmp_path / "spec")
+    loaded = tcompile.load(path)
+    assert hasattr(loaded.runtime, "verify_fn") and loaded.pipeline == opt.pipeline
+    want = opt.generate(ids, mask, max_new_tokens=12)
+    got = loaded.generate(ids, mask, max_new_tokens=12)
+    assert torch.equal(got, want)
+    assert loaded.last_stats.steps > 0
+
+
+def test_a_model_drafter_is_not_exported(llama, tmp_path):
+    opt = tcompile.optimize(llama, passes=[tcompile.PassSpec.make("speculative", drafter="draft_model", draft=llama)])
+    with pytest.raises(ArtifactError, match="model-free drafter"):
+        opt.export(tmp_path / "draft")
+    assert not (tmp_path / "draft").exists()

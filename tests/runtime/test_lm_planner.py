@@ -42,7 +42,7 @@ def test_simulated_acceptance_equals_the_real_loop(verify_program, llama, option
     generated = plain.generate(prompt[None], max_new_tokens=new, eos_token_id=[])[0, prompt.numel():]
     out = fast.generate(prompt[None], max_new_tokens=new, eos_token_id=[])
     assert torch.equal(out[0, prompt.numel():], generated)
-    per_step, _ = simulate_acceptance(make_drafter(spec.options, verify_program, None), prompt, generated,
+    per_step, _ = simulate_acceptance(make_drafter(spec.options, verify_program.spec, None), prompt, generated,
                                       spec.options.k)
     assert fast.last_stats.steps > 0
     assert per_step == pytest.approx((new - 1) / fast.last_stats.steps)
