@@ -44,7 +44,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     model, example, calibration, name, tokenizer = _load_model(args.model, args.batch)
     opt = tcompile.optimize(model, budget=args.budget, example_inputs=example, calibration=calibration,
                             target=args.target, backend=args.backend, passes=args.passes, repeats=args.repeats,
-                            name=name, progress=not args.quiet,
+                            name=name, progress=not args.quiet, time_limit=args.time_limit, new_tokens=args.new_tokens,
                             instruments=[IRDumpInstrument(args.dump_ir)] if args.dump_ir else None)
     out = opt.export(args.out) if args.layout == "artifact" else opt.export(args.out, layout=args.layout)
     print(opt.report.summary())
@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--target", default="cpu", help="cpu | cuda | h100 | h200 | a100 | l4")
     o.add_argument("--batch", type=int, default=8, help="batch of the example inputs (zoo models)")
     o.add_argument("--repeats", type=int, default=5, help="timed repetitions per latency measurement")
+    o.add_argument("--time-limit", type=float, default=600.0, help="seconds the planner may spend (default 600)")
+    o.add_argument("--new-tokens", type=int, default=32,
+                   help="causal LMs: tokens generated per calibration prompt when measuring a latency budget")
     o.add_argument("--out", required=True, help="artifact directory to write")
     o.add_argument("--dump-ir", default=None, help="write the graph after each changing pass into this directory")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

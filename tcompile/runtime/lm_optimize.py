@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ import torch
 
 from tcompile.artifact import compatibility, staged_directory, versions, write_manifest
 from tcompile.budget import Budget
-from tcompile.errors import ArtifactError, BackendUnavailableError, BudgetError, PassOptionError, TCompileError
+from tcompile.errors import (ArtifactError, BackendUnavailableError, BudgetError, BudgetUnreachableError,
+                             PassOptionError, TCompileError)
 from tcompile.lowering import get_backend
 from tcompile.pass_manager import PassManager
 from tcompile.passes.kv_eviction import POLICIES, is_kv_pass, make_policy
@@ -240,7 +242,8 @@ def optimize_lm(model: torch.nn.Module, budget: Any = None, passes: Any = None, 
     """``tcompile.optimize`` for causal LMs. With a budget and no pipeline the LM planner
     (:mod:`tcompile.runtime.lm_planner`) chooses across KV eviction, sparse attention, prompt
     pruning and speculative decoding on the calibration texts, generating ``new_tokens`` per
-    prompt to measure latency, within ``time_limit`` seconds."""
+    prompt to measure latency; ``time_limit`` seconds bound capture and planning together."""
+    started = time.monotonic()           # time_limit bounds capture and planning together
     check_lm_backend(backend)            # fail before the capture work
     budget_obj = Budget.parse(budget)
     specs = as_specs(passes)
@@ -266,8 +269,12 @@ def optimize_lm(model: torch.nn.Module, budget: Any = None, passes: Any = None, 
         if planning:
             from tcompile.cost.profile import get_profile
             from tcompile.runtime.lm_planner import LMPlanner, Workload
+            left = time_limit - (time.monotonic() - started)
+            if left <= 0:
+                raise BudgetUnreachableError(f"capturing {program.model_name} took the whole time_limit={time_limit:g} s; "
+                                             "nothing was planned: raise time_limit")
             planner = LMPlanner(program, budget_obj, Workload(calibration, new_tokens=new_tokens),
-                                lambda s: runtime_for(program, s, model)[0], get_profile(target), time_limit)
+                                lambda s: runtime_for(program, s, model)[0], get_profile(target), left)
             plan = planner.plan()
             specs, candidates, notes = plan.specs, plan.candidates, plan.notes
         else:

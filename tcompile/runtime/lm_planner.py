@@ -83,31 +83,34 @@ class Workload:
 
 @dataclass(frozen=True)
 class LMFamily:
-    """A rewrite family: ``settings(workload)`` → the pass specs it proposes for that workload;
-    ``lossless``: its plans change no greedy token (measured first)."""
+    """A rewrite family: ``settings(workload)`` → the pass specs it proposes for that workload.
+    ``lossless``: its plans change no greedy token (measured first). ``ordered``: settings come
+    most aggressive first, so once one is priced above the budget the rest are not priced
+    (pricing a prefill rewrite fake-runs a SmolLM2-sized graph: seconds each)."""
 
     name: str
     settings: Callable[[Workload], list[PassSpec]]
     lossless: bool = False
+    ordered: bool = False
 
 
 def _kv_settings(w: Workload) -> list[PassSpec]:
-    return [PassSpec.make("kv_snapkv", ratio=0.5), PassSpec.make("kv_snapkv", ratio=0.25),
-            PassSpec.make("kv_streaming", ratio=0.25, sinks=4)]
+    return [PassSpec.make("kv_streaming", ratio=0.25, sinks=4), PassSpec.make("kv_snapkv", ratio=0.25),
+            PassSpec.make("kv_snapkv", ratio=0.5)]
 
 
 def _sparse_settings(w: Workload) -> list[PassSpec]:
     if w.prompt_tokens < 4 * 64:     # below four blocks the pass runs dense
         return []
-    return [PassSpec.make("sparse_attention", density=0.3, last_q=256), PassSpec.make("sparse_attention", density=0.3),
-            PassSpec.make("sparse_attention", density=0.1), PassSpec.make("sparse_attention", pattern="block_topk")]
+    return [PassSpec.make("sparse_attention", density=0.1), PassSpec.make("sparse_attention", pattern="block_topk"),
+            PassSpec.make("sparse_attention", density=0.3), PassSpec.make("sparse_attention", density=0.3, last_q=256)]
 
 
 def _prune_settings(w: Workload) -> list[PassSpec]:
     n = w.prompt_tokens
     if n < 256:
         return []
-    return [PassSpec.make("prompt_pruning", keep=n // 2), PassSpec.make("prompt_pruning", keep=n // 4)]
+    return [PassSpec.make("prompt_pruning", keep=n // 4), PassSpec.make("prompt_pruning", keep=n // 2)]
 
 
 def _speculative_settings(w: Workload) -> list[PassSpec]:
@@ -118,9 +121,9 @@ def _speculative_settings(w: Workload) -> list[PassSpec]:
 
 LM_FAMILIES: list[LMFamily] = [
     LMFamily("speculative", _speculative_settings, lossless=True),
-    LMFamily("sparse_attention", _sparse_settings),
-    LMFamily("prompt_pruning", _prune_settings),
-    LMFamily("kv_eviction", _kv_settings),
+    LMFamily("sparse_attention", _sparse_settings, ordered=True),
+    LMFamily("prompt_pruning", _prune_settings, ordered=True),
+    LMFamily("kv_eviction", _kv_settings, ordered=True),
 ]
 
 
@@ -200,8 +203,8 @@ class LMPlanner:
         self.reference = build([])
         self.ref_logits = [self.reference.teacher_force(p, t[-workload.continuation:])
                            for p, t in zip(workload.prompts, workload.texts)]
-        self._generated: list[torch.Tensor] | None = None
         self._base_pred: float | None = None
+        self.workload_s, self.generated = self._run(self.reference)   # the speculative reference, and a clock
         self.pricer = StepPricer(program.spec, profile)
         self._prefills: dict[str, tuple[Any, Any]] = {}
 
@@ -213,13 +216,6 @@ class LMPlanner:
             out = runtime.generate(prompt[None], max_new_tokens=self.workload.new_tokens, eos_token_id=[])
             outs.append(out[0, prompt.numel():])
         return time.perf_counter() - started, outs
-
-    @property
-    def generated(self) -> list[torch.Tensor]:
-        """The unoptimized model's greedy continuation of each prompt (the speculative reference)."""
-        if self._generated is None:
-            _, self._generated = self._run(self.reference)
-        return self._generated
 
     def measure(self, cand: LMCandidate) -> LMRuntime | None:
         """Agreement (which also warms the plan's graphs up), then latency in interleaved rounds
@@ -292,8 +288,15 @@ class LMPlanner:
         return self.predict(specs) / self._base_pred
 
     # -- the search -----------------------------------------------------------------------------
-    def _time_left(self) -> bool:
-        return time.monotonic() < self.deadline
+    def _time_left(self, cost: float = 0.0) -> bool:
+        """Whether ``cost`` more seconds end before the deadline."""
+        return time.monotonic() + cost < self.deadline
+
+    @property
+    def measure_cost(self) -> float:
+        """About what measuring one plan takes: agreement (≈ one workload) and ``rounds`` timed
+        workloads of the plan and of the unoptimized model."""
+        return (1 + 2 * self.rounds) * self.workload_s
 
     def _meets(self, c: LMCandidate) -> bool:
         b = self.budget
@@ -334,22 +337,28 @@ class LMPlanner:
                 return self._finish(tried, best)
         families = [f for f in self.families if not (base_kv and f.name == "kv_eviction")]
         singles: list[LMCandidate] = []
+        limit = (b.latency or 1.0) * SLACK
         for fam in families:
             settings = fam.settings(self.workload)
             if not settings:
                 self.notes.append(f"{fam.name}: no setting applies to {self.workload.prompt_tokens}-token prompts")
+            above = None
             for spec in settings:
-                if not self._time_left():
-                    singles.append(LMCandidate(base_kv + [spec], note="not tried: planner time limit reached"))
-                    continue
                 cand = LMCandidate(base_kv + [spec])
-                try:
-                    cand.predicted = self.predicted_ratio(cand.specs)
-                except (TCompileError, ValueError) as exc:
-                    cand.note = f"not applicable: {exc}"
                 singles.append(cand)
+                if above is not None:
+                    cand.note = f"not priced: the more aggressive {above} is predicted above the budget"
+                elif not self._time_left():
+                    cand.note = "not tried: planner time limit reached"
+                else:
+                    try:
+                        cand.predicted = self.predicted_ratio(cand.specs)
+                    except (TCompileError, ValueError) as exc:
+                        cand.note = f"not applicable: {exc}"
+                        continue
+                    if fam.ordered and cand.predicted > limit:
+                        above = format_pipeline([spec])
         lossless = {f.name for f in families if f.lossless}
-        limit = (b.latency or 1.0) * SLACK
         promising = [c for c in singles if c.predicted is not None and c.predicted <= limit]
         if not promising:   # measure each family's most promising plan anyway: the error names a measured best
             by_family: dict[str, LMCandidate] = {}
@@ -364,7 +373,7 @@ class LMPlanner:
             if c.predicted is not None and c not in promising:
                 c.note = f"not measured: predicted latency ratio {c.predicted:.3f} > budget × {SLACK}"
         for cand in promising:
-            if not self._time_left():
+            if not self._time_left(self.measure_cost):
                 cand.note = "not measured: planner time limit reached"
                 continue
             self.measure(cand)
@@ -395,7 +404,7 @@ class LMPlanner:
         order = sorted(by_family, key=lambda f: min(c.predicted for c in by_family[f]))
         for fam in order:
             for other in sorted(by_family[fam], key=lambda c: -c.predicted):   # least aggressive first
-                if not self._time_left() or self._meets(current):
+                if not self._time_left(self.measure_cost) or self._meets(current):
                     return out
                 cand = LMCandidate(current.specs + [s for s in other.specs if s not in base_kv], note="composed")
                 try:
