@@ -292,11 +292,11 @@ class LMPlanner:
         """Whether ``cost`` more seconds end before the deadline."""
         return time.monotonic() + cost < self.deadline
 
-    @property
-    def measure_cost(self) -> float:
-        """About what measuring one plan takes: agreement (≈ one workload) and ``rounds`` timed
-        workloads of the plan and of the unoptimized model."""
-        return (1 + 2 * self.rounds) * self.workload_s
+    def measure_cost(self, cand: LMCandidate) -> float:
+        """About what measuring ``cand`` takes: agreement (≈ one workload) and ``rounds`` timed
+        workloads of the unoptimized model and of the plan (at its predicted ratio)."""
+        ratio = cand.predicted if cand.predicted is not None else 1.0
+        return self.workload_s * (1 + self.rounds * (1 + ratio))
 
     def _meets(self, c: LMCandidate) -> bool:
         b = self.budget
@@ -373,7 +373,7 @@ class LMPlanner:
             if c.predicted is not None and c not in promising:
                 c.note = f"not measured: predicted latency ratio {c.predicted:.3f} > budget × {SLACK}"
         for cand in promising:
-            if not self._time_left(self.measure_cost):
+            if not self._time_left(self.measure_cost(cand)):
                 cand.note = "not measured: planner time limit reached"
                 continue
             self.measure(cand)
@@ -404,7 +404,7 @@ class LMPlanner:
         order = sorted(by_family, key=lambda f: min(c.predicted for c in by_family[f]))
         for fam in order:
             for other in sorted(by_family[fam], key=lambda c: -c.predicted):   # least aggressive first
-                if not self._time_left(self.measure_cost) or self._meets(current):
+                if not self._time_left(self.measure_cost(other)) or self._meets(current):
                     return out
                 cand = LMCandidate(current.specs + [s for s in other.specs if s not in base_kv], note="composed")
                 try:
@@ -448,7 +448,9 @@ class LMPlanner:
                 self.notes.append(f"{fam.name}: meets the budget, with lower agreement than the chosen plan")
             elif all(c.measured is None for c in mine):
                 best = min((c.predicted for c in mine if c.predicted is not None), default=None)
-                self.notes.append(f"{fam.name}: rejected by the cost model" +
+                timed_out = any("time limit" in c.note for c in mine)
+                self.notes.append(f"{fam.name}: " + ("not measured: planner time limit reached" if timed_out
+                                                     else "rejected by the cost model") +
                                   (f" (best predicted latency ratio {best:.3f})" if best is not None else ""))
             else:
                 m = [c for c in mine if c.measured is not None]
