@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
@@ -133,12 +132,7 @@ def lm_part(rounds: int, time_limit: float, new_tokens: int, workload: str) -> N
         print(f"{name}: latency ratio {ratio:.3f} (budget 0.6), agreement {fid.agreement:.3f} (budget 0.95), "
               f"KL {fid.kl:.4f}", flush=True)
     met = results["calibration"]["latency_ratio"] <= 0.6 and results["calibration"]["agreement"] >= 0.95
-    if not hasattr(opt.runtime, "verify_fn"):
-        opt.export(f"out/planner_lm_{workload}_{new_tokens}")
-    else:
-        Path(f"out/planner_lm_{workload}_{new_tokens}").mkdir(parents=True, exist_ok=True)
-        for suffix in ("json", "md", "html"):
-            opt.report.save(f"out/planner_lm_{workload}_{new_tokens}/report.{suffix}")
+    opt.export(f"out/planner_lm_{workload}_{new_tokens}")
     save(f"planner_budget_lm_{workload}_{new_tokens}", {
         "budget": budget.to_dict(), "workload": workload, "new_tokens": new_tokens, "pipeline": opt.pipeline,
         "planning_s": plan_s, "time_limit": time_limit, "results": results, "met": met,

@@ -159,20 +159,41 @@ def _(q, k, v, mask, codes, density, block, sinks, window, last_q, min_tokens, s
     return torch.empty_like(q)
 
 
-def _op_cost(node: torch.fx.Node, size: Callable[[object], int]) -> NodeCost:
-    """Cost-model rule for the op: the dense causal attention FLOPs times ``density`` for rows of
-    at least ``min_tokens`` (shorter rows run dense), plus vertical_slash's estimate (the last
-    ``last_q`` queries against every key) and the q/k/v/output traffic."""
-    q, k = (a.meta["val"] for a in node.args[:2])
-    codes, density, _, _, _, last_q, min_tokens = node.args[4:11]
-    bsz, heads, n, d = (size(x) for x in q.shape)
+#: Eager aten ops the CPU path dispatches per call, per pattern code: ``base + slope * density * n``
+#: (top-level ops counted with torch.profiler, torch 2.13, 9 query heads, n = 512..4,096): the
+#: estimate and the gathered blocks are many small ops, which the per-op overhead prices.
+CPU_OPS: dict[str, tuple[float, float]] = {"v": (480.0, 0.42), "b": (90.0, 0.36), "a": (121.0, 0.38), "d": (1.0, 0.0)}
+KERNEL_OPS = 40.0   # with the Triton kernels: the estimate's ops and one launch per code
+
+
+def sparse_work(codes: str, density: float, block: int, heads: int, n: int, d: int, on_cpu: bool,
+                last_q: int = 64, min_tokens: int = 0) -> tuple[float, float]:
+    """(FLOPs, dispatched ops) of one call on an unpadded ``n``-token row: the dense causal
+    attention FLOPs times ``density`` (rows shorter than ``min_tokens`` run dense), plus
+    vertical_slash's estimate (the last ``last_q`` queries against every key)."""
     pairs = n * (n + 1) / 2
-    share = 1.0 if n < max(min_tokens, 1) or set(codes) == {"d"} else float(density)
-    flops = bsz * heads * pairs * share * (4.0 * d + SOFTMAX_FLOPS_PER_ELEM)
-    if "v" in codes and share < 1.0:
-        flops += bsz * heads * min(last_q, n) * n * (2.0 * d + SOFTMAX_FLOPS_PER_ELEM)
+    dense = n < max(min_tokens, 1) or set(codes) == {"d"}
+    share = 1.0 if dense else float(density)
+    flops = heads * pairs * share * (4.0 * d + SOFTMAX_FLOPS_PER_ELEM)
+    if "v" in codes and not dense:
+        flops += heads * min(last_q, n) * n * (2.0 * d + SOFTMAX_FLOPS_PER_ELEM)
+    if dense:
+        return flops, 1.0
+    if not on_cpu:
+        return flops, KERNEL_OPS
+    return flops, sum(base + slope * share * n for base, slope in (CPU_OPS[c] for c in set(codes)))
+
+
+def _op_cost(node: torch.fx.Node, size: Callable[[object], int]) -> NodeCost:
+    """Cost-model rule for the op (:func:`sparse_work` per batch row, plus the q/k/v/output
+    traffic); kind ``sparse_attention``, priced at the profile's measured sparse rate, or
+    ``attention`` when the rows run dense."""
+    q, k = (a.meta["val"] for a in node.args[:2])
+    codes, density, block, _, _, last_q, min_tokens = node.args[4:11]
+    bsz, heads, n, d = (size(x) for x in q.shape)
+    flops, ops = sparse_work(codes, density, block, heads, n, d, q.device.type == "cpu", last_q, min_tokens)
     nbytes = (2 * bsz * heads + 2 * bsz * size(k.shape[1])) * n * d * q.element_size()
-    return NodeCost(flops, float(nbytes), "attention")
+    return NodeCost(bsz * flops, float(nbytes), "attention" if ops == 1.0 else "sparse_attention", bsz * ops)
 
 
 sparse_prefill_attention._opoverload.__tcompile_cost__ = _op_cost

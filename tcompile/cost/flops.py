@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
-KINDS = ("matmul", "attention", "elementwise", "reduction", "data", "view", "other")
+KINDS = ("matmul", "attention", "sparse_attention", "elementwise", "reduction", "data", "view", "other")
 #: FLOPs per output element of pointwise functions that cost more than one arithmetic op.
 POINTWISE_FLOPS: dict[str, float] = {"exp": 4, "exp2": 4, "expm1": 4, "log": 4, "log1p": 4,
     "log2": 4, "sin": 4, "cos": 4, "tan": 4, "tanh": 4, "erf": 4, "erfc": 4, "sigmoid": 4,

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 #: aten.sym_size ~3.8 us against aten.add on one element ~6.5 us; views go through the same
 #: dispatcher, so they are far from free in eager mode.
 VIEW_OVERHEAD_FRACTION = 0.75
-_MATMUL_KINDS = ("matmul", "attention")
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -44,11 +43,14 @@ def _resolve(profile: DeviceProfile | str) -> DeviceProfile:
 def predict_node_seconds(cost: NodeCost, dtype: str, profile: DeviceProfile | str) -> float:
     """Roofline time of one node plus its fixed per-op overhead.
 
-    Matmul and attention run at the dtype's matmul rate (falling back to float32's when the
-    profile has no figure for ``dtype``); everything else at the elementwise rate.
+    Matmuls run at the dtype's matmul rate (falling back to float32's when the profile has no
+    figure for ``dtype``), fused attention at the profile's attention rate and tcompile's sparse
+    attention at its sparse rate (each falling back to the matmul rate when not measured),
+    everything else at the elementwise rate.
     """
     p = _resolve(profile)
-    rate = p.matmul_rate(dtype) if cost.kind in _MATMUL_KINDS else p.elementwise_flops
+    rate = {"matmul": p.matmul_rate, "attention": p.attention_rate,
+            "sparse_attention": p.sparse_attention_rate}.get(cost.kind, lambda _: p.elementwise_flops)(dtype)
     compute = cost.flops / rate if cost.flops else 0.0
     memory = cost.bytes / p.mem_bandwidth if cost.bytes else 0.0
     share = VIEW_OVERHEAD_FRACTION if cost.kind == "view" else 1.0

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from tcompile.cost.flops import SOFTMAX_FLOPS_PER_ELEM
 from tcompile.cost.model import measure_latency, measure_op_overhead
 
 
@@ -42,6 +43,10 @@ class DeviceProfile:
     measured_at: str = ""  # ISO 8601, for measured profiles
     threads: int | None = None
     notes: str = ""
+    # FLOP/s of fused dense attention (SDPA) and of tcompile's sparse prefill attention, when
+    # measured; None falls back to the matmul rate (attention) and the attention rate (sparse)
+    attention_flops: float | None = None
+    sparse_attention_flops: float | None = None
 
     def __post_init__(self) -> None:
         rates = [*self.matmul_flops.values(), self.elementwise_flops, self.mem_bandwidth]
@@ -49,6 +54,15 @@ class DeviceProfile:
             raise ValueError(f"profile {self.name!r}: every rate must be positive and finite")
         if self.op_overhead < 0:
             raise ValueError(f"profile {self.name!r}: op_overhead must be >= 0")
+
+    def attention_rate(self, dtype: str) -> float:
+        """FLOP/s of fused dense attention: measured (SDPA), else the matmul rate."""
+        return self.attention_flops or self.matmul_rate(dtype)
+
+    def sparse_attention_rate(self, dtype: str) -> float:
+        """FLOP/s of the kept pairs of tcompile's sparse prefill attention: measured, else the
+        attention rate."""
+        return self.sparse_attention_flops or self.attention_rate(dtype)
 
     def matmul_rate(self, dtype: str) -> float:
         """FLOP/s of a matmul in ``dtype``; float32's rate when the profile has no figure for it."""
@@ -95,7 +109,7 @@ def _datasheet(name: str, fp32: float, tf32: float, half: float, bw: float, cite
 
 
 #: Version of the measurement method, part of the cache key: a change re-measures old caches.
-PROFILE_METHOD = 2
+PROFILE_METHOD = 3
 _T = 1e12
 DATASHEETS: dict[str, DeviceProfile] = {
     # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM: FP32 67 TFLOPS; TF32 989, BF16/FP16 1,979,
@@ -172,6 +186,7 @@ def measure_cpu_profile(seconds_budget: float = 4.0) -> DeviceProfile:
         fast = 3 * work / rate < left(0.1)  # time it at the real shape only if that fits
         rates[name] = work / _best_seconds(lambda: torch.mm(ah, wh), left(0.1)) if fast else rate
         notes.append(f"{name} {'measured' if fast else f'estimated from a {p}^3 probe'}")
+    attention, sparse = _attention_rates(overhead, left(0.1), left(0.12))
     sq, sq_work = torch.randn(1024, 1024), 2.0 * 1024**3
     if left(0.1) > 3 * sq_work / rates["float32"]:
         rate = sq_work / _best_seconds(lambda: torch.mm(sq, sq), left(0.1))
@@ -181,7 +196,30 @@ def measure_cpu_profile(seconds_budget: float = 4.0) -> DeviceProfile:
         name=f"cpu: {cpu_model()} ({threads} threads)", kind="cpu", matmul_flops=rates,
         elementwise_flops=elementwise, mem_bandwidth=bandwidth, op_overhead=overhead,
         source="measured", measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        threads=threads, notes="; ".join(notes))
+        threads=threads, notes="; ".join(notes), attention_flops=attention, sparse_attention_flops=sparse)
+
+
+def _attention_rates(overhead: float, dense_s: float, sparse_s: float) -> tuple[float, float]:
+    """(dense, sparse) attention FLOP/s at a small LM's prefill shape (9 query heads, 3 KV heads,
+    d=64; causal SDPA at 1,024 tokens; ``sparse_attention`` vertical_slash at 2,048 tokens and
+    density 0.3). FLOPs counted as the cost rules count them, and the sparse op's dispatch
+    overhead (its rule's op count × ``overhead``) taken out, so rule + rate add up to the time."""
+    import torch.nn.functional as F
+
+    from tcompile.passes import sparse_attention, sparse_ops
+    g = torch.Generator().manual_seed(0)
+    h, kv, d = 9, 3, 64
+    n = 1024
+    q, k, v = (torch.randn(1, heads, n, d, generator=g) for heads in (h, kv, kv))
+    dense = h * n * (n + 1) / 2 * (4.0 * d + SOFTMAX_FLOPS_PER_ELEM)
+    dense_rate = dense / _best_seconds(
+        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), dense_s, 5)
+    n, density = 2048, 0.3
+    q, k, v = (torch.randn(heads, n, d, generator=g) for heads in (h, kv, kv))
+    flops, ops = sparse_attention.sparse_work("v", density, 64, h, n, d, on_cpu=True)
+    seconds = _best_seconds(lambda: sparse_ops.attend(q, k, v, "v", density, 64, 64, 64, 64, d ** -0.5, False,
+                                                      tiles=True), sparse_s, 3)
+    return dense_rate, flops / max(seconds - ops * overhead, 0.1 * seconds)
 
 
 def measure_cuda_profile(seconds_budget: float = 4.0, device: int | None = None) -> DeviceProfile:

@@ -55,6 +55,13 @@ def test_matmul_rate_falls_back_to_float32() -> None:
     assert prof.matmul_rate("float64") == 5e10
 
 
+def test_attention_rates_fall_back_when_not_measured() -> None:
+    prof = fake_profile()                       # an older cache file: no attention figures
+    assert prof.attention_rate("float32") == prof.sparse_attention_rate("float32") == 5e10
+    measured = DeviceProfile.from_dict({**prof.to_dict(), "attention_flops": 3e10, "sparse_attention_flops": 1e10})
+    assert measured.attention_rate("float32") == 3e10 and measured.sparse_attention_rate("float32") == 1e10
+
+
 @pytest.fixture
 def counted_measure(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
@@ -122,7 +129,8 @@ def test_measure_cpu_profile_small_budget() -> None:
     start = time.perf_counter()
     prof = measure_cpu_profile(seconds_budget=1.0)
     assert time.perf_counter() - start < 5.0
-    rates = [*prof.matmul_flops.values(), prof.elementwise_flops, prof.mem_bandwidth, prof.op_overhead]
+    rates = [*prof.matmul_flops.values(), prof.elementwise_flops, prof.mem_bandwidth, prof.op_overhead,
+             prof.attention_flops, prof.sparse_attention_flops]
     assert all(r > 0 and math.isfinite(r) for r in rates)
     assert prof.source == "measured" and prof.kind == "cpu" and prof.threads == torch.get_num_threads()
     assert 1e-7 < prof.op_overhead < 1e-2  # microseconds per op (ms when the machine is contended)
