@@ -25,6 +25,7 @@ from tcompile.program import Program
 from tcompile.progress import Stages
 from tcompile.registry import as_specs, format_pipeline
 from tcompile.report import Report
+from tcompile.report.blocks import block_table
 from tcompile.report.op_profile import profile_ops
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ def optimize(model: torch.nn.Module, budget: Any = None, example_inputs: Any = N
     report.lowering = capability.to_dict()
     with stages.stage("measure"):
         if measure:
-            _measure(report, baseline, runner, batches, repeats)
+            _measure(report, baseline, program, runner, batches, repeats, profile)
     stages.close()
     _attach_output_mode(report, records)
     return OptimizedModel(runner, report, backend=backend, pipeline=pipeline,
@@ -201,7 +202,9 @@ def _report(baseline: Program, program: Program, records: list, pipeline: str, b
         versions=versions(), notes=list(notes))
 
 
-def _measure(report: Report, baseline: Program, runner: Any, batches: list, repeats: int) -> None:
+def _measure(report: Report, baseline: Program, program: Program, runner: Any, batches: list, repeats: int,
+             profile: Any) -> None:
+    """Measured latency, fidelity, the op table and predicted vs measured time per block."""
     report.latency["measured"] = {"baseline": _median_seconds(baseline.gm, batches[0], repeats),
                                   "optimized": _median_seconds(runner, batches[0], repeats),
                                   "repeats": repeats, "batch": _batch_size(batches[0])}
@@ -209,6 +212,7 @@ def _measure(report: Report, baseline: Program, runner: Any, batches: list, repe
                        "n": sum(_batch_size(b) or 0 for b in batches)}
     args, kwargs = batches[0]
     report.op_profile = profile_ops(lambda: runner(*args, **kwargs))
+    report.latency["parts"] = block_table(program.gm, args, kwargs, profile)
 
 
 def _attach_output_mode(report: Report, records: list) -> None:

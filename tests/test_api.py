@@ -37,6 +37,11 @@ def test_flops_budget_picks_least_aggressive_plan(vit_model, vit_inputs):
     assert rep.fidelity["value"] > 0.9 and rep.latency["measured"]["baseline"] > 0
     ops = [o["op"] for o in rep.op_profile]              # torch.profiler's table of the optimized model
     assert ops and all(o["self_ms"] >= 0 for o in rep.op_profile) and any(op.startswith("aten::") for op in ops)
+    parts = rep.latency["parts"]                         # predicted vs measured per block
+    layers = [p for p in parts if p["part"] != "other"]
+    assert len(layers) == len(rep.tokens_per_layer["optimized"]) and all(p["part"].endswith(str(i)) for i, p in
+                                                                          enumerate(layers))
+    assert all(p["predicted_s"] > 0 and p["measured_s"] > 0 for p in parts)
     assert all(torch.equal(v, before[k]) for k, v in vit_model.state_dict().items())
     y = opt(pixel_values=torch.randn(3, 3, 32, 32))
     assert y.logits.shape == (3, 5)

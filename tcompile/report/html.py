@@ -275,6 +275,13 @@ def render_html(report: Report) -> str:
                          _times(ratio(lb, lo), 2), format_mapping(extra)])
     b.append(_table(["", "baseline", "optimized", "speedup", "details"], rows, "latency-table",
                     numeric=(1, 2, 3)) if rows else _nodata("no latency predicted or measured"))
+    parts = r.latency.get("parts") if isinstance(r.latency, dict) else None
+    if parts:
+        b.append("<h2>Predicted vs measured, per block / phase (optimized)</h2>")
+        b.append(_table(["part", "predicted", "measured", "predicted / measured"],
+                        [[p.get("part"), format_seconds(p.get("predicted_s")), format_seconds(p.get("measured_s")),
+                          _times(ratio(p.get("predicted_s"), p.get("measured_s")), 2)] for p in parts],
+                        "parts-table", numeric=(1, 2, 3)))
     b.append("<h2>Passes</h2>")
     rows = _pass_rows(r)
     b.append(_table(["#", "pass", "status", "exact", "time", "Σ tokens", "FLOPs", "fidelity",

@@ -100,6 +100,14 @@ def render_markdown(report: Report) -> str:
     md += (_table(["", "baseline", "optimized", "speedup", "details"], rows, numeric=(1, 2, 3))
            if rows else ["_no latency predicted or measured_", ""])
 
+    parts = r.latency.get("parts") if isinstance(r.latency, dict) else None
+    if parts:
+        md += ["## Predicted vs measured, per block / phase (optimized)", ""]
+        md += _table(["part", "predicted", "measured", "predicted / measured"],
+                     [[p.get("part"), format_seconds(p.get("predicted_s")), format_seconds(p.get("measured_s")),
+                       _ratio_text(ratio(p.get("predicted_s"), p.get("measured_s")), 2)] for p in parts],
+                     numeric=(1, 2, 3))
+
     md += ["## Passes", ""]
     rows = [[i + 1, _code(p.spec or p.name), f"**{_cell(p.status)}**", p.exact,
              format_seconds(p.seconds),

@@ -206,6 +206,33 @@ def runtime_for(program: LMProgram, specs: list[PassSpec], model: torch.nn.Modul
     return runtime, rec_p + rec_d
 
 
+def phase_table(runtime: LMRuntime, prompt: torch.Tensor, target: Any, new_tokens: int = 8) -> list[dict[str, Any]]:
+    """Predicted vs measured seconds of the prefill and of one decode (or verify) step of
+    ``runtime`` on ``prompt``, for the report: one generation of ``new_tokens`` (eager figures
+    of the step graphs; a compiled backend's steps are faster than their eager price)."""
+    import statistics
+
+    from tcompile.cost.lm import StepPricer
+    from tcompile.cost.profile import get_profile
+    runtime.generate(prompt[None], max_new_tokens=new_tokens, eos_token_id=[])
+    stats = runtime.last_stats
+    pricer = StepPricer(runtime.spec, get_profile(target))
+    n = int(prompt.numel())
+    kept = stats.prompt_tokens_kept or n
+    context = (stats.capacity + 1) if runtime.evicts else kept + new_tokens // 2
+    step = "verify step" if hasattr(runtime, "verify_fn") else "decode step"
+    predicted_step = pricer.decode(runtime.decode_graph, context)
+    if hasattr(runtime, "verify_fn") and stats.steps:
+        predicted_step += stats.drafted / stats.steps * pricer.matmul_per_token(runtime.decode_graph)
+    rows = [{"part": f"prefill ({n} tokens{f', {kept} kept' if kept != n else ''})",
+             "predicted_s": pricer.prefill(runtime.prefill_graph, n, runtime.prompt_filter),
+             "measured_s": stats.prefill_s}]
+    if stats.decode_s:
+        rows.append({"part": f"{step} (cache ~{context})", "predicted_s": predicted_step,
+                     "measured_s": statistics.median(stats.decode_s)})
+    return rows
+
+
 def prompt_filter(fn: Any, specs: list[PassSpec]) -> PromptFilter | None:
     """The runtime's GemFilter stage from the filter graph and the prompt_pruning options."""
     if fn is None or not specs:
@@ -292,5 +319,6 @@ def optimize_lm(model: torch.nn.Module, budget: Any = None, passes: Any = None, 
     if calibration:                      # where a short generation of the chosen plan spends its time
         prompt = calibration[0][:-32]
         report.op_profile = profile_ops(lambda: runtime.generate(prompt[None], max_new_tokens=8, eos_token_id=[]))
+        report.latency["parts"] = phase_table(runtime, prompt, target)
     return OptimizedLM(runtime, report, pipeline, budget_obj.to_dict() if budget_obj else None, program.model_name,
                        example_args, backend=backend, engines=engines)

@@ -34,7 +34,9 @@ def filled(**over: object) -> Report:
         tokens_per_layer={"baseline": BASE, "optimized": OPT},
         flops={"baseline": 9.2e9, "optimized": 6.9e9},
         latency={"predicted": {"baseline": 0.0121, "optimized": 0.0088},
-                 "measured": {"baseline": 0.0134, "optimized": 0.0097, "repeats": 50, "batch": 8}},
+                 "measured": {"baseline": 0.0134, "optimized": 0.0097, "repeats": 50, "batch": 8},
+                 "parts": [{"part": "encoder.layer.0", "predicted_s": 0.0007, "measured_s": 0.0008},
+                           {"part": "other", "predicted_s": 0.0001, "measured_s": 0.0002}]},
         fidelity={"metric": "cosine", "value": 0.9931, "n": 200},
         output_mode="unmerge: per-token outputs restored to original positions",
         candidates=[
@@ -218,6 +220,7 @@ def test_html_renders_headless_in_chromium_with_its_charts(tmp_path: Path) -> No
         assert re.search(r"<(path|polyline|circle|rect)\b", svg.group(0)), f"{chart} has no drawn marks"
     table = re.search(r'<table[^>]*id="op-profile-table".*?</table>', dom, re.S)
     assert table is not None and "aten::addmm" in table.group(0), "the torch.profiler op table is missing"
+    assert re.search(r'id="parts-table".*?encoder\.layer\.0', dom, re.S), "the per-block table is missing"
     shot = tmp_path / "shot.png"
     subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2000", path.as_uri()],
                    capture_output=True, timeout=120)

@@ -100,7 +100,10 @@ def test_kv_cache_budget_plans_among_policies(llama):
     assert len(names) == 5 and sum(c.chosen for c in opt.report.candidates) == 1
     chosen = next(c for c in opt.report.candidates if c.chosen)
     assert opt.pipeline == chosen.pipeline and "ratio=0.5" in opt.pipeline
-    assert all(c.fidelity is None or 0.0 < c.fidelity <= 1.0 + 1e-6 for c in opt.report.candidates)
+    assert all(c.fidelity is None or 0.0 <= c.fidelity <= 1.0 + 1e-6 for c in opt.report.candidates)
+    parts = opt.report.latency["parts"]                 # predicted vs measured prefill and decode step
+    assert [p["part"].split(" ")[0] for p in parts] == ["prefill", "decode"]
+    assert all(p["predicted_s"] > 0 and p["measured_s"] > 0 for p in parts)
     with pytest.raises(tcompile.TCompileError, match="calibration"):
         tcompile.optimize(llama, budget="kv_cache=0.5")
 
