@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from tcompile.report.report import (
     CandidateRecord, Report, compact_tokens, format_fidelity, format_flops, format_mapping,
-    format_seconds, format_value, key_figures, latency_part, number, ratio)
+    format_seconds, format_value, key_figures, latency_part, number, ratio, speculative_text)
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;
@@ -275,6 +275,8 @@ def render_html(report: Report) -> str:
                          _times(ratio(lb, lo), 2), format_mapping(extra)])
     b.append(_table(["", "baseline", "optimized", "speedup", "details"], rows, "latency-table",
                     numeric=(1, 2, 3)) if rows else _nodata("no latency predicted or measured"))
+    if speculative_text(r):
+        b.append(f'<p class="meta" id="speculative">speculative decoding: {_e(speculative_text(r))}</p>')
     parts = r.latency.get("parts") if isinstance(r.latency, dict) else None
     if parts:
         b.append("<h2>Predicted vs measured, per block / phase (optimized)</h2>")

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Sequence
 
 from tcompile.report.report import (
     Report, compact_tokens, format_fidelity, format_flops, format_mapping, format_seconds,
-    format_value, key_figures, latency_part, lowering_text, number, ratio)
+    format_value, key_figures, latency_part, lowering_text, number, ratio, speculative_text)
 
 
 def _cell(x: Any) -> str:
@@ -100,6 +100,8 @@ def render_markdown(report: Report) -> str:
     md += (_table(["", "baseline", "optimized", "speedup", "details"], rows, numeric=(1, 2, 3))
            if rows else ["_no latency predicted or measured_", ""])
 
+    if speculative_text(r):
+        md += [f"- speculative decoding: {_text(speculative_text(r))}", ""]
     parts = r.latency.get("parts") if isinstance(r.latency, dict) else None
     if parts:
         md += ["## Predicted vs measured, per block / phase (optimized)", ""]

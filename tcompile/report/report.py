@@ -174,6 +174,8 @@ class Report:
             out.append(line + (f"  ({format_mapping(extra)})" if extra else ""))
         if self.fidelity:
             out.append(f"  fidelity : {format_fidelity(self.fidelity)}")
+        if speculative_text(self):
+            out.append(f"  drafting : {speculative_text(self)}")
         if self.output_mode:
             out.append(f"  outputs  : {self.output_mode}")
         for name, series in self.tokens_per_layer.items():
@@ -283,6 +285,19 @@ def compact_tokens(series: list[Any] | None) -> str:
         return "-" if not series else str(series)
     runs = [(v, len(list(g))) for v, g in groupby(series)]
     return ", ".join(f"{v}x{n}" if n > 1 else f"{v}" for v, n in runs)
+
+
+def speculative_text(report: Report) -> str:
+    """The speculative loop's figures of the last generation (acceptance rate, mean accepted
+    length, tokens/s), or "" without speculation."""
+    spec = report.latency.get("speculative") if isinstance(report.latency, Mapping) else None
+    if not isinstance(spec, Mapping):
+        return ""
+    parts = [f"{spec.get('drafter', '')} drafter".strip(),
+             f"acceptance rate {format_value(spec.get('acceptance_rate'))}",
+             f"mean accepted length {format_value(spec.get('mean_accepted_length'))}",
+             f"{format_value(spec.get('tokens_per_s'))} tokens/s"]
+    return ", ".join(parts)
 
 
 def latency_part(report: Report, kind: str) -> tuple[float | None, float | None, dict]:

@@ -320,5 +320,8 @@ def optimize_lm(model: torch.nn.Module, budget: Any = None, passes: Any = None, 
         prompt = calibration[0][:-32]
         report.op_profile = profile_ops(lambda: runtime.generate(prompt[None], max_new_tokens=8, eos_token_id=[]))
         report.latency["parts"] = phase_table(runtime, prompt, target)
+        summary = getattr(runtime.last_stats, "summary", None)   # speculative: acceptance rate, accepted length
+        if summary is not None:
+            report.latency["speculative"] = summary()
     return OptimizedLM(runtime, report, pipeline, budget_obj.to_dict() if budget_obj else None, program.model_name,
                        example_args, backend=backend, engines=engines)

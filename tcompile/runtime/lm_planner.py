@@ -207,6 +207,7 @@ class LMPlanner:
         self.workload_s, self.generated = self._run(self.reference)   # the speculative reference, and a clock
         self.pricer = StepPricer(program.spec, profile)
         self._prefills: dict[str, tuple[Any, Any]] = {}
+        self._tf: list[torch.Tensor] | None = None
 
     # -- measuring ------------------------------------------------------------------------------
     def _run(self, runtime: LMRuntime) -> tuple[float, list[torch.Tensor]]:
@@ -217,7 +218,7 @@ class LMPlanner:
             outs.append(out[0, prompt.numel():])
         return time.perf_counter() - started, outs
 
-    def measure(self, cand: LMCandidate) -> LMRuntime | None:
+    def measure(self, cand: LMCandidate) -> None:
         """Agreement (which also warms the plan's graphs up), then latency in interleaved rounds
         against the unoptimized model; a plan that cannot run on this workload is noted."""
         try:
@@ -230,13 +231,12 @@ class LMPlanner:
                 mine.append(seconds)
         except (ValueError, TCompileError) as exc:
             cand.note = f"not applicable: {exc}"
-            return None
+            return
         cand.measured = statistics.median(mine) / statistics.median(base)
         if any(s.name == "speculative" for s in cand.specs) and len(cand.specs) == 1:
             same = all(torch.equal(a, b) for a, b in zip(outs, self.generated))
             cand.note = "greedy output equals the unoptimized model's" if same else \
                 "greedy output DIFFERS from the unoptimized model's"
-        return runtime
 
     # -- predicting -----------------------------------------------------------------------------
     def _prefill_graph(self, specs: list[PassSpec]) -> tuple[Any, Any]:
@@ -278,7 +278,9 @@ class LMPlanner:
         return total
 
     def _recycling_logits(self, i: int) -> torch.Tensor:
-        if not hasattr(self, "_tf"):
+        """The unoptimized model's logits over its own greedy continuation of prompt ``i`` (what
+        Token Recycling's matrix learns from), computed once."""
+        if self._tf is None:
             self._tf = [self.reference.teacher_force(p, g) for p, g in zip(self.workload.prompts, self.generated)]
         return self._tf[i]
 

@@ -63,6 +63,7 @@ def test_speculative_plans_export_and_decode_the_same_tokens(llama, prompts, tmp
     got = loaded.generate(ids, mask, max_new_tokens=12)
     assert torch.equal(got, want)
     assert loaded.last_stats.steps > 0
+    assert "mean accepted length" in loaded.report.summary()     # the loop's figures reach the report
 
 
 def test_a_model_drafter_is_not_exported(llama, tmp_path):
