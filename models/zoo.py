@@ -84,7 +84,8 @@ def _smollm2(batch: int) -> ZooModel:
 def _tiny_llama(batch: int) -> ZooModel:
     from tcompile.models.lm import tiny_llama
     ids = torch.randint(0, 128, (batch, 32), generator=torch.Generator().manual_seed(0))
-    return ZooModel("tiny-llama", tiny_llama(), {"input_ids": ids}, [ids[:1]],
+    text = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(1))   # 64 prompt + 32 teacher-forced
+    return ZooModel("tiny-llama", tiny_llama(), {"input_ids": ids}, [text],
                     "tiny random Llama with GQA (tests)")
 
 
