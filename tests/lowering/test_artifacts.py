@@ -67,12 +67,18 @@ def test_round_trip_and_manifest(exported, x2) -> None:
         assert (again(**x3).logits - opt(**x3).logits).abs().max().item() <= 1e-4
 
 
-def test_corrupted_engine_is_refused(exported, tmp_path) -> None:
-    opt, path = exported
+def _copy(path, tmp_path):
+    """A byte-for-byte copy of the artifact directory ``path``, to tamper with."""
     copy = tmp_path / "copy"
     copy.mkdir()
     for f in path.iterdir():
         (copy / f.name).write_bytes(f.read_bytes())
+    return copy
+
+
+def test_corrupted_engine_is_refused(exported, tmp_path) -> None:
+    opt, path = exported
+    copy = _copy(path, tmp_path)
     engine = copy / ENGINE[opt.backend]
     data = bytearray(engine.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -86,10 +92,7 @@ def test_corrupted_engine_is_refused(exported, tmp_path) -> None:
 
 def test_version_mismatch_is_explained(exported, tmp_path) -> None:
     opt, path = exported
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for f in path.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    copy = _copy(path, tmp_path)
     m = _manifest(copy)
     package = "onnxruntime" if opt.backend == "onnxruntime" else "torch"
     m["requires"][package] = ">=99.0" if package == "onnxruntime" else "1.13"
@@ -104,10 +107,7 @@ def test_device_mismatch_is_explained(exported, tmp_path) -> None:
     opt, path = exported
     if opt.backend != "aot":
         pytest.skip("only aot (and tensorrt) artifacts hold device-specific machine code")
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for f in path.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    copy = _copy(path, tmp_path)
     m = _manifest(copy)
     m["device"]["arch"] = "riscv64"
     _write(copy, m)
