@@ -42,6 +42,12 @@ class AotModule:
                                 f"torch version (and device) that compiled it: re-export the artifact") from exc
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # The compiled code indexes every input with the contiguous strides of the export's
+        # examples and does not check them: an expanded or transposed view (a stride-0 ``slot``
+        # of the LM decode step, say) would be read out of bounds. Contiguous copies cost nothing
+        # for inputs that already are.
+        leaves, spec = _compat.tree_flatten((args, kwargs))
+        args, kwargs = _compat.tree_unflatten([x.contiguous() if isinstance(x, torch.Tensor) else x for x in leaves], spec)
         with torch.no_grad():
             return self.runner(*args, **kwargs)
 

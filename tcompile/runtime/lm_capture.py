@@ -228,6 +228,11 @@ def capture_lm(model: torch.nn.Module, name: str | None = None, verify: bool = F
     return out
 
 
+def cache_slots_dim() -> Any:
+    """The cache slots of the decode and verify steps (min 2: export specialises sizes 0 and 1)."""
+    return torch.export.Dim("cache_slots", min=2)
+
+
 def prefill_dynamic_shapes() -> tuple:
     """Dynamic dims of the prefill step's (input_ids, attention_mask): batch and prompt length."""
     batch, tokens = batch_dim(), torch.export.Dim.DYNAMIC
@@ -235,8 +240,13 @@ def prefill_dynamic_shapes() -> tuple:
 
 
 def decode_dynamic_shapes(n_kv: int) -> tuple:
-    """Dynamic dims of the decode step's (ids, positions, valid, slot, kv): batch and cache slots."""
-    batch, slots = batch_dim(), torch.export.Dim.DYNAMIC
+    """Dynamic dims of the decode step's (ids, positions, valid, slot, kv): batch and cache slots.
+
+    The slots are one named dim shared by the mask and every K and V buffer: with a separate
+    ``Dim.DYNAMIC`` per input, export left the V buffers' slots unrelated to the K buffers' (the
+    attention never asserts they match) and AOTInductor compiled a step that read out of bounds
+    once the cache grew past the example's slots."""
+    batch, slots = batch_dim(), cache_slots_dim()
     return ({0: batch}, {0: batch}, {0: batch, 1: slots}, {0: batch}, tuple({0: batch, 2: slots} for _ in range(n_kv)))
 
 

@@ -151,14 +151,6 @@ def lower_lm(runtime: LMRuntime, backend: str, example_args: tuple[tuple, tuple]
     if hasattr(runtime, "verify_fn"):
         raise BackendUnavailableError(f"backend {backend!r} has no engine for the speculative verify step yet; use "
                                       "backend='eager' or 'inductor' with the speculative pass")
-    if backend == "aot" and not runtime.evicts:
-        # AOTInductor (torch 2.13) compiled decode steps that fail with "index out of bounds ... < ks2"
-        # (raised from an OpenMP worker: the process aborts) once the cache has grown; a policy in
-        # evict mode keeps the cache at a fixed size, which the tests check token for token.
-        raise BackendUnavailableError(
-            "backend 'aot' drives causal LMs only with a KV policy in decode='evict' mode (a fixed-size cache, "
-            "e.g. passes='kv_snapkv{ratio=0.25}'): AOTInductor-compiled decode steps over a growing cache fail "
-            "with torch 2.13; use backend='onnxruntime' or 'inductor' for a full cache")
     if engine_dir is None:
         if example_args is None:
             raise TCompileError(f"backend {backend!r} needs the example step inputs (or an artifact) to build engines")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from tcompile.inputs import batch_dim
-from tcompile.runtime.lm_capture import _additive, _cache_kwarg, _export, _flat_cache, lm_spec
+from tcompile.runtime.lm_capture import _additive, _cache_kwarg, _export, _flat_cache, cache_slots_dim, lm_spec
 
 MAX_DRAFT = 256   # the largest T the verify graph is exported for
 
@@ -68,7 +68,7 @@ class VerifyStep(torch.nn.Module):
 
 def verify_dynamic_shapes(n_kv: int) -> tuple:
     """Dynamic dims of (ids, positions, attend, slot, kv): batch, draft tokens T and cache slots."""
-    batch, slots = batch_dim(), torch.export.Dim.DYNAMIC
+    batch, slots = batch_dim(), cache_slots_dim()
     tokens = torch.export.Dim("draft_tokens", min=1, max=MAX_DRAFT)
     return ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {0: batch, 1: tokens, 2: slots},
             {0: batch, 3: tokens}, tuple({0: batch, 2: slots} for _ in range(n_kv)))
