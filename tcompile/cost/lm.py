@@ -35,6 +35,25 @@ def priced_at(gm: Any, args: Sequence[Any], profile: Any) -> float:
     return predict_latency(gm, profile)
 
 
+def book_cost(policy: Any, capacity: int | None, book_args: Sequence[Any], profile: Any) -> float:
+    """Predicted seconds of a decode step's cache bookkeeping outside the decode graph: the
+    runtime's ``book`` (the entry's position, the policy's state update and ranking, the choice of
+    the next slot: tens of ops over [B, L, Hkv, S] tensors) traced with ``make_fx`` at the step's
+    shapes and priced like any graph. Why: at 2k entries a policy's ranking costs as much as a
+    tenth of SmolLM2's decode step on this CPU, and it differs between policies (TOVA against
+    StreamingLLM), so leaving it out mis-ranks the policies. ``book_args``: book's arguments after
+    ``policy`` and ``capacity`` (scores, pos, state, valid, seen, slot)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tcompile.runtime.generate import book
+    scores, rest = list(book_args[0]), list(book_args[1:])
+
+    def bookkeeping(scores: list[torch.Tensor], *rest: Any) -> Any:
+        return book(policy, capacity, scores, *rest)
+    gm = make_fx(bookkeeping, tracing_mode="fake")(scores, *rest)
+    return predict_latency(gm, profile)
+
+
 def prefill_args(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of one ``tokens``-long prompt: the prefill graph's inputs."""
     ids = torch.zeros(1, tokens, dtype=torch.long)

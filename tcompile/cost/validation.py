@@ -4,10 +4,10 @@ The planner prunes candidates by predicted latency, so what matters most is that
 *ranks* configurations as the clock does (Spearman's rho) and, for budgets stated as ratios, that
 its absolute figures are near (median relative error). ``validate`` runs both sides the same
 way: the rewritten graph of each configuration is priced by :func:`predict_latency` at the
-measured shapes, and timed: encoder configurations in interleaved rounds (one call of each per
-round, medians), so a machine that slows down mid-run slows every configuration alike; causal-LM
-configurations one after another (each holds its own rewritten graphs and KV cache, too much
-memory to keep ten alive at once), ``rounds`` calls each, medians.
+measured shapes, and timed in interleaved rounds (one call of each configuration per round,
+medians), so a machine that slows down mid-run slows every configuration alike (the rewritten
+graphs share the model's weights: ten SmolLM2 configurations with their 2k caches fit in a few GB).
+A decode step is priced with its cache bookkeeping (the policy's ranking: ``book_cost``).
 
 Phases: an encoder's forward on its example inputs; a causal LM's ``prefill`` of a ``tokens``-long
 prompt (GemFilter's filter graph included where the pipeline prunes the prompt) or one ``decode``
@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from tcompile.cost.lm import priced_at
+from tcompile.cost.lm import book_cost, priced_at
 from tcompile.cost.model import predict_latency
 from tcompile.registry import PassSpec, format_pipeline, parse_pipeline
 
@@ -135,7 +135,17 @@ def _lm_case(program: Any, specs: list[PassSpec], phase: str, tokens: int, profi
         runtime._decode(token, cache, capacity)
     finally:
         runtime.decode_fn = decode
-    return priced_at(runtime.decode_graph, recorded[0], profile), lambda: runtime._decode(token, cache, capacity)
+    step = priced_at(runtime.decode_graph, recorded[0], profile)
+    return step + book_cost(runtime.policy if runtime.evicts else None, capacity, _book_args(runtime, recorded[0], cache),
+                            profile), lambda: runtime._decode(token, cache, capacity)
+
+
+def _book_args(runtime: Any, step_args: tuple, cache: Any) -> tuple:
+    """The arguments ``book`` gets after a decode step with inputs ``step_args`` (its scores from
+    the step's outputs): what the runtime's bookkeeping works on at this cache size."""
+    _, _, scores = runtime._split(runtime.decode_graph(*step_args))
+    _, seen, valid, slot, _ = step_args
+    return scores, cache.pos, cache.state, valid, seen[:, 0], slot
 
 
 def validate(model: Any, configs: Sequence[str | Sequence[PassSpec]], example_inputs: Any = None, *,
@@ -175,24 +185,15 @@ def validate(model: Any, configs: Sequence[str | Sequence[PassSpec]], example_in
         fn()
         return time.perf_counter() - t0
 
-    with torch.no_grad():
-        if is_lm:   # each LM configuration holds its own rewritten graphs and cache: one at a time
-            results = []
-            for config in configs:
-                name, pred, fn = build(config)
-                for _ in range(warmup):
-                    fn()
-                results.append((name, pred, [timed(fn) for _ in range(rounds)]))
-                del fn
-        else:       # interleaved rounds: a machine that slows down mid-run slows every configuration alike
-            cases = [build(config) for config in configs]
-            for _, _, fn in cases:
-                for _ in range(warmup):
-                    fn()
-            times: list[list[float]] = [[] for _ in cases]
-            for _ in range(rounds):
-                for i, (_, _, fn) in enumerate(cases):
-                    times[i].append(timed(fn))
-            results = [(name, pred, t) for (name, pred, _), t in zip(cases, times)]
+    with torch.no_grad():   # interleaved rounds: a machine that slows down mid-run slows every configuration alike
+        cases = [build(config) for config in configs]
+        for _, _, fn in cases:
+            for _ in range(warmup):
+                fn()
+        times: list[list[float]] = [[] for _ in cases]
+        for _ in range(rounds):
+            for i, (_, _, fn) in enumerate(cases):
+                times[i].append(timed(fn))
+        results = [(name, pred, t) for (name, pred, _), t in zip(cases, times)]
     rows = [ConfigResult(name, pred, statistics.median(t), t) for name, pred, t in results]
     return Validation(phase, prof.name, rows)

@@ -44,8 +44,21 @@ def test_lm_prefill_prices_the_prompt_length_and_sparse_density(llama):
 
 
 def test_lm_decode_prices_the_cache_the_policy_keeps(llama):
-    result = validate(llama, ["", "kv_streaming{ratio=0.25}"], phase="decode", tokens=512, rounds=2)
+    result = validate(llama, ["kv_streaming{ratio=0.75}", "kv_streaming{ratio=0.25}"], phase="decode", tokens=512,
+                      rounds=2)
     assert result.rows[1].predicted_s < result.rows[0].predicted_s
+
+
+def test_lm_decode_prices_the_policys_bookkeeping(llama, monkeypatch):
+    """A decode step is priced with the runtime's bookkeeping, and TOVA's (a ranking of every
+    entry per step) costs more than the plain append of a full cache."""
+    import tcompile.cost.validation as validation
+    configs = ["", "kv_tova{ratio=0.9}"]
+    with_book = [r.predicted_s for r in validate(llama, configs, phase="decode", tokens=512, rounds=1).rows]
+    monkeypatch.setattr(validation, "book_cost", lambda *args: 0.0)
+    graph_only = [r.predicted_s for r in validate(llama, configs, phase="decode", tokens=512, rounds=1).rows]
+    full, tova = (a - b for a, b in zip(with_book, graph_only))
+    assert 0 < full < tova
 
 
 def test_sparse_op_cost_scales_with_density(llama):
