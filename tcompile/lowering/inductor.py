@@ -29,12 +29,7 @@ logger = logging.getLogger(__name__)
 
 PROGRAM_FILE = "program.pt2"
 OPTIONS_FILE = "inductor.json"
-# Freezing: Inductor folds the weights into the compiled graph as constants and, on CPU, prepacks
-# the GEMM weights for oneDNN. tcompile's models are inference-only (called under no_grad), which
-# is what freezing needs. On this project's 2-core AVX2 CPU a ViT-sized linear
-# ([1200, 768] x [768, 3072]) ran at 102 GFLOP/s frozen against 89 for the ATen GEMM eager and
-# unfrozen Inductor call (bench/RESULTS.md §8).
-DEFAULT_OPTIONS: dict[str, Any] = {"freezing": True}
+DEFAULT_OPTIONS: dict[str, Any] = {}
 
 
 def export_dynamic_batch(module: torch.nn.Module, args: tuple, kwargs: dict, what: str) -> Any:
