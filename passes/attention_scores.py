@@ -16,7 +16,7 @@ import torch
 import torch.fx
 
 from tcompile import _compat
-from tcompile.analysis.graph_utils import SDPA_OPS
+from tcompile.analysis.graph_utils import SDPA_OPS, sdpa_operands
 
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
@@ -53,13 +53,10 @@ def expose_attention_scores(gm: torch.fx.GraphModule, rows: int, kv_heads: int) 
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in SDPA_OPS:
             continue
-        q, k = node.args[0], node.args[1]
-        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        is_causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+        q, k, mask, is_causal, scale = sdpa_operands(node)
         if mask is None and is_causal:
             raise ValueError(f"{node.name}: causal SDPA without an explicit mask; tcompile's LM steps always pass "
                              "one, so this graph was not captured by tcompile.runtime.capture_lm")
-        scale = node.args[6] if len(node.args) > 6 else node.kwargs.get("scale")
         with gm.graph.inserting_after(node):
             added.append(gm.graph.call_function(attention_scores, (q, k, mask, scale, rows, kv_heads)))
     _compat.append_graph_outputs(gm, added)

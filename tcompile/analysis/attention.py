@@ -15,7 +15,7 @@ import torch.fx
 
 from tcompile.analysis.graph_utils import (
     ADD_OPS, LINEAR_OPS, MATMUL_OPS, NORM_OPS, SDPA_OPS, SHAPE_OPS, SOFTMAX_OPS, aten, first_tensor_arg,
-    is_call, output_nodes,
+    is_call, output_nodes, sdpa_operands,
 )
 from tcompile.analysis.shapes import shape_of
 from tcompile.errors import NoAttentionError
@@ -118,8 +118,8 @@ def _site(index: int, form: str, attn, q, k, v, mask, out, mask_add=None, logits
 
 
 def _sdpa_site(node: torch.fx.Node, index: int) -> AttentionSite | None:
-    q, k, v = node.args[:3]
-    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    q, k, mask, _, _ = sdpa_operands(node)
+    v = node.args[2]
     return _site(index, "sdpa", node, q, k, v, mask if isinstance(mask, torch.fx.Node) else None, node)
 
 

@@ -27,6 +27,14 @@ MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
 SDPA_OPS = {aten.scaled_dot_product_attention.default}
 
 
+def sdpa_operands(node: torch.fx.Node) -> tuple[Any, Any, Any, bool, Any]:
+    """(query, key, attn_mask, is_causal, scale) of an SDPA call node, given positionally or by
+    keyword (aten's order: q, k, v, attn_mask, dropout_p, is_causal, scale)."""
+    def arg(i: int, name: str, default: Any) -> Any:
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+    return node.args[0], node.args[1], arg(3, "attn_mask", None), arg(5, "is_causal", False), arg(6, "scale", None)
+
+
 def ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
     seen: set[torch.fx.Node] = set()
     stack = list(node.all_input_nodes)

@@ -106,22 +106,24 @@ class PrefillStep(torch.nn.Module):
         return (out.logits[:, -1], *_flat_cache(out.past_key_values))
 
 
-def _slot_cache(kv: tuple[torch.Tensor, ...], slot: torch.Tensor) -> Any:
-    """A transformers cache whose layer i writes the new entry at ``slot[:, i]`` [B, Hkv] of its buffers."""
+def slot_cache(kv: tuple[torch.Tensor, ...], slot: torch.Tensor) -> Any:
+    """A transformers cache whose layer i writes the step's new entries at ``slot[:, i]``:
+    [B, Hkv] for one token (the decode step), [B, Hkv, T] for T tokens (the verify step)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     class SlotLayer(DynamicLayer):
         def __init__(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
             super().__init__()
-            self.keys, self.values, self.index, self.is_initialized = keys, values, index, True
+            self.keys, self.values, self.is_initialized = keys, values, True
+            self.index = index if index.dim() == 3 else index[:, :, None]     # [B, Hkv, T]
             self.device, self.dtype = keys.device, keys.dtype
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-            index = self.index[:, :, None, None]
-            self.keys = self.keys.scatter(2, index.expand(-1, -1, 1, self.keys.shape[-1]), key_states)
-            self.values = self.values.scatter(2, index.expand(-1, -1, 1, self.values.shape[-1]), value_states)
+            index = self.index[..., None]
+            self.keys = self.keys.scatter(2, index.expand(-1, -1, -1, self.keys.shape[-1]), key_states)
+            self.values = self.values.scatter(2, index.expand(-1, -1, -1, self.values.shape[-1]), value_states)
             return self.keys, self.values
 
     cache = DynamicCache()
@@ -143,7 +145,7 @@ class DecodeStep(torch.nn.Module):
                 slot: torch.Tensor, kv: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         mask = _additive(cache_valid, self.dtype)[:, None, None]
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                         **{self.cache_kwarg: _slot_cache(kv, slot)})
+                         **{self.cache_kwarg: slot_cache(kv, slot)})
         return (out.logits[:, -1], *_flat_cache(out.past_key_values))
 
 

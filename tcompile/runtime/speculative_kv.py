@@ -20,7 +20,7 @@ import torch
 import torch.fx
 
 from tcompile import _compat
-from tcompile.analysis.graph_utils import SDPA_OPS
+from tcompile.analysis.graph_utils import SDPA_OPS, sdpa_operands
 from tcompile.passes.kv_eviction import KVPolicy
 
 
@@ -48,9 +48,7 @@ def expose_attention_rows(gm: torch.fx.GraphModule, kv_heads: int) -> torch.fx.G
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in SDPA_OPS:
             continue
-        q, k = node.args[0], node.args[1]
-        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        scale = node.args[6] if len(node.args) > 6 else node.kwargs.get("scale")
+        q, k, mask, _, scale = sdpa_operands(node)
         with gm.graph.inserting_after(node):
             added.append(gm.graph.call_function(attention_rows, (q, k, mask, scale, kv_heads)))
     _compat.append_graph_outputs(gm, added)

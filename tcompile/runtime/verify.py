@@ -15,37 +15,13 @@ Miao et al., "SpecInfer" (ASPLOS 2024) for tree attention.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from tcompile.inputs import batch_dim
-from tcompile.runtime.lm_capture import _additive, _cache_kwarg, _export, _flat_cache, cache_slots_dim, lm_spec
+from tcompile.runtime.lm_capture import (_additive, _cache_kwarg, _export, _flat_cache, cache_slots_dim, lm_spec,
+                                         slot_cache)
 
 MAX_DRAFT = 256   # the largest T the verify graph is exported for
-
-
-def _slot_cache_many(kv: tuple[torch.Tensor, ...], slot: torch.Tensor) -> Any:
-    """A transformers cache whose layer i writes its T new entries at ``slot[:, i]`` [B, Hkv, T]."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    class SlotsLayer(DynamicLayer):
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
-            super().__init__()
-            self.keys, self.values, self.index, self.is_initialized = keys, values, index, True
-            self.device, self.dtype = keys.device, keys.dtype
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-            index = self.index[:, :, :, None]
-            self.keys = self.keys.scatter(2, index.expand(-1, -1, -1, self.keys.shape[-1]), key_states)
-            self.values = self.values.scatter(2, index.expand(-1, -1, -1, self.values.shape[-1]), value_states)
-            return self.keys, self.values
-
-    cache = DynamicCache()
-    cache.layers = [SlotsLayer(kv[2 * i], kv[2 * i + 1], slot[:, i]) for i in range(len(kv) // 2)]
-    return cache
 
 
 class VerifyStep(torch.nn.Module):
@@ -62,7 +38,7 @@ class VerifyStep(torch.nn.Module):
                 slot: torch.Tensor, kv: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         mask = _additive(attend, self.dtype)[:, None]
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                         **{self.cache_kwarg: _slot_cache_many(kv, slot)})
+                         **{self.cache_kwarg: slot_cache(kv, slot)})
         return (out.logits, *_flat_cache(out.past_key_values))
 
 
