@@ -22,9 +22,10 @@ demo: $(STAMP)
 	@echo "open out/demo/report.html"
 
 # All tests, real models included (marker `slow`); GPU tests skip with a reason without a GPU.
-# pytest exits 5 when it collects no test, which fails this target.
+# Two xdist workers, a whole module at a time (its fixtures build once): tests/conftest.py splits
+# the cores between them. pytest exits 5 when it collects no test, which fails this target.
 test: $(STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider tests
+	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) out

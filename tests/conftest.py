@@ -1,8 +1,18 @@
-"""Shared fixtures: tiny models captured once per session, and the GPU marker's skip."""
+"""Shared fixtures: tiny models captured once per session, the GPU marker's skip, and how the
+suite splits over pytest-xdist workers (the README's `make test` runs `pytest -n 2 --dist loadfile`)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# Workers share the machine's cores: one torch thread per worker on a 2-core machine, and OpenMP
+# threads that sleep instead of spinning while another worker computes. Set before torch loads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 # `python -m pytest` puts the repo root on sys.path. There the top-level `kernels/` source folder
 # (installed as tcompile.kernels, guarded against top-level import) shadows Hugging Face's optional
@@ -17,7 +27,19 @@ from tcompile.capture import capture  # noqa: E402
 from tcompile.models.vision import tiny_bert, tiny_vit  # noqa: E402
 
 
+if _WORKERS > 1:
+    torch.set_num_threads(_THREADS)
+
+# Modules that take minutes (the real SmolLM2's capture and 128-token loops): scheduled first, one
+# per worker under `--dist loadfile`, while the other modules fill in around them.
+LONG_MODULES = ("tests/runtime/test_smollm2.py", "tests/runtime/test_smollm2_speculative.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return LONG_MODULES.index(path) if path in LONG_MODULES else len(LONG_MODULES)
+    items.sort(key=rank)   # stable: every module's tests stay together and in order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; none is present on this machine")

@@ -14,28 +14,17 @@ import torch
 
 import tcompile
 from tcompile.errors import ArtifactError, BackendUnavailableError
-from tcompile.models.vision import tiny_bert, tiny_vit
+from tcompile.models.vision import tiny_bert
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-PIPE = "token_merging{r=4}"
 ENGINE = {"eager": "program.pt2", "onnxruntime": "model.onnx", "aot": "model.pt2"}
 
 
-@pytest.fixture(scope="module")
-def x2() -> dict[str, torch.Tensor]:
-    return {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
-
-
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return tiny_vit(image_size=16, patch_size=4, layers=2)
-
-
 @pytest.fixture(scope="module", params=["eager", "onnxruntime", "aot"])
-def exported(request, model, x2, tmp_path_factory) -> tuple[object, Path]:
-    opt = tcompile.optimize(model, passes=PIPE, example_inputs=x2, backend=request.param, measure=False)
+def exported(request, lowered_vit, tmp_path_factory) -> tuple[object, Path]:
+    opt = lowered_vit(request.param)
     return opt, opt.export(tmp_path_factory.mktemp(request.param) / "art")
 
 
@@ -50,7 +39,7 @@ def _write(path: Path, manifest: dict) -> None:
 def test_round_trip_and_manifest(exported, x2) -> None:
     opt, path = exported
     m = _manifest(path)
-    assert m["backend"] == opt.backend and m["pipeline"] == PIPE
+    assert m["backend"] == opt.backend and m["pipeline"] == "token_merging{r=4}"
     assert ENGINE[opt.backend] in m["files"] and all(len(e["sha256"]) == 64 for e in m["files"].values())
     assert m["inputs"]["kwargs"]["pixel_values"]["shape"] == [2, 3, 16, 16]
     assert m["inputs"]["dynamic_ranges"]["batch"] == {"min": 1, "max": 4096}

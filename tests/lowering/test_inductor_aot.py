@@ -1,7 +1,7 @@
 """Backends ``inductor`` and ``aot``: the rewritten graph compiled by Inductor / AOTInductor.
 
-One tiny merged ViT (2 layers, 16 tokens) keeps each compile to tens of seconds on two cores;
-the compiled models are module-scoped so each backend compiles once (plus a cache-hit reload).
+One tiny merged ViT (2 layers, 16 tokens, ``lowered_vit`` in conftest.py) keeps each compile to
+tens of seconds on two cores; each backend compiles once per session (plus a cache-hit reload).
 """
 from __future__ import annotations
 
@@ -13,30 +13,18 @@ import torch
 import tcompile
 from tcompile.lowering import get_backend
 from tcompile.lowering.capability import assess
-from tcompile.models.vision import tiny_vit
 
 ATOL = 1e-4
-PIPE = "token_merging{r=4}"
 
 
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return tiny_vit(image_size=16, patch_size=4, layers=2)
-
-
-@pytest.fixture(scope="module")
-def x2() -> dict[str, torch.Tensor]:
-    return {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
-
-
-@pytest.fixture(scope="module")
-def eager(model, x2):
-    return tcompile.optimize(model, passes=PIPE, example_inputs=x2, measure=False)
+def eager(lowered_vit):
+    return lowered_vit("eager")
 
 
 @pytest.fixture(scope="module", params=["inductor", "aot"])
-def lowered(request, model, x2):
-    return tcompile.optimize(model, passes=PIPE, example_inputs=x2, backend=request.param, measure=False)
+def lowered(request, lowered_vit):
+    return lowered_vit(request.param)
 
 
 def test_matches_eager_and_round_trips(lowered, eager, x2, tmp_path: Path) -> None:
