@@ -135,9 +135,10 @@ def _lm_case(program: Any, specs: list[PassSpec], phase: str, tokens: int, profi
         runtime._decode(token, cache, capacity)
     finally:
         runtime.decode_fn = decode
-    step = priced_at(runtime.decode_graph, recorded[0], profile)
-    return step + book_cost(runtime.policy if runtime.evicts else None, capacity, _book_args(runtime, recorded[0], cache),
-                            profile), lambda: runtime._decode(token, cache, capacity)
+    policy = runtime.policy if runtime.evicts else None
+    predicted = (priced_at(runtime.decode_graph, recorded[0], profile)
+                 + book_cost(policy, capacity, _book_args(runtime, recorded[0], cache), profile))
+    return predicted, lambda: runtime._decode(token, cache, capacity)
 
 
 def _book_args(runtime: Any, step_args: tuple, cache: Any) -> tuple:
