@@ -17,6 +17,7 @@ import torch.fx
 
 from tcompile import _compat
 from tcompile.analysis.graph_utils import SDPA_OPS, sdpa_operands
+from tcompile.cost.flops import traced_cost
 
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
@@ -45,6 +46,9 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
     if hk != kv_heads:
         scores = scores.reshape(b, kv_heads, hk // kv_heads, nk).sum(dim=2)
     return scores / (h // kv_heads)
+
+
+attention_scores.__tcompile_cost__ = traced_cost(attention_scores)   # tens of ops per call, not one
 
 
 def expose_attention_scores(gm: torch.fx.GraphModule, rows: int, kv_heads: int) -> int:

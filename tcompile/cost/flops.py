@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import sympy
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 KINDS = ("matmul", "attention", "sparse_attention", "elementwise", "reduction", "data", "view", "other")
 #: FLOPs per output element of pointwise functions that cost more than one arithmetic op.
@@ -221,6 +221,30 @@ def _price(node: fx.Node, S: SizeResolver) -> tuple[NodeCost, bool]:
         return ZERO_COST, True  # getitem, SymInt arithmetic: Python plumbing, no dispatch
     io = sum(_nbytes(t, S) for t in _tensors((node.args, node.kwargs, val)))
     return NodeCost(0.0, io, "other"), python_fn
+
+
+def traced_cost(fn: Callable[..., Any]) -> Callable[[fx.Node, SizeResolver], NodeCost]:
+    """A ``__tcompile_cost__`` hook for a pass's Python helper called as one graph node: the
+    helper is traced (``make_fx``, on meta tensors of the node's inputs at the priced sizes) and
+    costs what its aten ops cost, with one dispatch per op. Why: a helper such as the attention
+    scores KV policies rank by dispatches tens of ops per call; priced as one node it looked
+    free, and the policies that use it were predicted as fast as those that do not."""
+    def hook(node: fx.Node, S: SizeResolver) -> NodeCost:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        from tcompile.cost.model import VIEW_OVERHEAD_FRACTION
+
+        def concrete(x: Any) -> Any:
+            v = _val(x)
+            if isinstance(v, torch.Tensor):
+                return torch.empty([S(d) for d in v.shape], dtype=v.dtype, device="meta")
+            return S(v) if isinstance(v, torch.SymInt) else v
+        args = tree_map(concrete, node.args, is_leaf=lambda v: isinstance(v, fx.Node))
+        kwargs = tree_map(concrete, node.kwargs, is_leaf=lambda v: isinstance(v, fx.Node))
+        inner = graph_cost(make_fx(lambda *a: fn(*a, **kwargs))(*args))
+        ops = sum(c.ops * (VIEW_OVERHEAD_FRACTION if c.kind == "view" else 1.0) for _, c in inner.nodes)
+        return NodeCost(inner.flops, inner.bytes, "elementwise", ops)
+    return hook
 
 
 def node_cost(node: fx.Node, sizes: Mapping[str, int] | None = None) -> NodeCost:

@@ -46,13 +46,15 @@ def predict_node_seconds(cost: NodeCost, dtype: str, profile: DeviceProfile | st
     Matmuls run at the dtype's matmul rate (falling back to float32's when the profile has no
     figure for ``dtype``), fused attention at the profile's attention rate and tcompile's sparse
     attention at its sparse rate (each falling back to the matmul rate when not measured),
-    everything else at the elementwise rate.
+    everything else at the elementwise rate. A matmul's bytes move at the profile's measured
+    weight-streaming rate (what bounds a one-row matmul), other bytes at its copy bandwidth.
     """
     p = _resolve(profile)
     rate = {"matmul": p.matmul_rate, "attention": p.attention_rate,
             "sparse_attention": p.sparse_attention_rate}.get(cost.kind, lambda _: p.elementwise_flops)(dtype)
     compute = cost.flops / rate if cost.flops else 0.0
-    memory = cost.bytes / p.mem_bandwidth if cost.bytes else 0.0
+    bandwidth = p.weight_bandwidth() if cost.kind == "matmul" else p.mem_bandwidth
+    memory = cost.bytes / bandwidth if cost.bytes else 0.0
     share = VIEW_OVERHEAD_FRACTION if cost.kind == "view" else 1.0
     return max(compute, memory) + p.op_overhead * cost.ops * share
 

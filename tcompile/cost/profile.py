@@ -47,6 +47,13 @@ class DeviceProfile:
     # measured; None falls back to the matmul rate (attention) and the attention rate (sparse)
     attention_flops: float | None = None
     sparse_attention_flops: float | None = None
+    # bytes/s a matrix-vector product streams its weight at (a decode step's matmuls: one row
+    # against a weight far beyond the caches), when measured; None falls back to mem_bandwidth
+    matmul_bandwidth: float | None = None
+
+    def weight_bandwidth(self) -> float:
+        """Bytes/s of the memory side of a matmul: measured weight streaming, else mem_bandwidth."""
+        return self.matmul_bandwidth or self.mem_bandwidth
 
     def __post_init__(self) -> None:
         rates = [*self.matmul_flops.values(), self.elementwise_flops, self.mem_bandwidth]
@@ -109,7 +116,7 @@ def _datasheet(name: str, fp32: float, tf32: float, half: float, bw: float, cite
 
 
 #: Version of the measurement method, part of the cache key: a change re-measures old caches.
-PROFILE_METHOD = 3
+PROFILE_METHOD = 4
 _T = 1e12
 DATASHEETS: dict[str, DeviceProfile] = {
     # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM: FP32 67 TFLOPS; TF32 989, BF16/FP16 1,979,
@@ -150,7 +157,9 @@ def measure_cpu_profile(seconds_budget: float = 4.0) -> DeviceProfile:
     """Measure this CPU with torch, at the current thread count, within ``seconds_budget``.
 
     First what the model needs: fp32 matmul at a ViT-B shape ([8*197, 768] x [768, 768]), x*y+z
-    on 4 MB tensors, a 64 MB copy (read + write bytes), the per-node time of an FX graph of tiny
+    on 4 MB tensors, a 64 MB copy (read + write bytes), one row against 113 MB of linear weights
+    (the bytes/s a decode step's matmuls read weights at: ~9 GB/s here against ~18 for the
+    copy, which left SmolLM2's decode step under-predicted by a third), the per-node time of an FX graph of tiny
     transformer ops (measure_op_overhead). Then, while time is left, bf16/fp16 (at full shape if
     a 128^3 probe says it fits, else the probe's rate; unmeasured dtypes fall back to float32)
     and a 1024^3 matmul for the notes. Each figure takes >= 2 runs: a budget below that (~0.8 s
@@ -170,6 +179,17 @@ def measure_cpu_profile(seconds_budget: float = 4.0) -> DeviceProfile:
     src = torch.ones(16 << 20)  # 64 MB of float32: beyond a last-level cache share
     dst = torch.empty_like(src)
     bandwidth = 2.0 * src.numel() * 4 / _best_seconds(lambda: dst.copy_(src), left(0.15))
+    # One row against 32 distinct nn.Linear weights ([1536, 576], 113 MB in all, each read once
+    # per run, beyond the caches): how a decode step streams its weights. One large weight
+    # measured ~1.5x faster than that (prefetch-friendly), and repeating one small weight reads
+    # it from cache (~4x).
+    gemv_ws, gemv_x = [torch.randn(1536, 576) for _ in range(32)], torch.randn(1, 576)
+
+    def gemv() -> None:
+        for w in gemv_ws:
+            torch.nn.functional.linear(gemv_x, w)
+    matmul_bandwidth = sum(w.numel() * 4 for w in gemv_ws) / _best_seconds(gemv, left(0.1))
+    del gemv_ws
     overhead = measure_op_overhead("cpu", left(0.1))
     notes = [f"torch {torch.__version__}"]
     if overhead > 1e-4:  # ~20 us when quiet: parallel regions waited for busy cores
@@ -196,7 +216,8 @@ def measure_cpu_profile(seconds_budget: float = 4.0) -> DeviceProfile:
         name=f"cpu: {cpu_model()} ({threads} threads)", kind="cpu", matmul_flops=rates,
         elementwise_flops=elementwise, mem_bandwidth=bandwidth, op_overhead=overhead,
         source="measured", measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        threads=threads, notes="; ".join(notes), attention_flops=attention, sparse_attention_flops=sparse)
+        threads=threads, notes="; ".join(notes), attention_flops=attention, sparse_attention_flops=sparse,
+        matmul_bandwidth=matmul_bandwidth)
 
 
 def _attention_rates(overhead: float, dense_s: float, sparse_s: float) -> tuple[float, float]:

@@ -21,6 +21,7 @@ import torch.fx
 
 from tcompile import _compat
 from tcompile.analysis.graph_utils import SDPA_OPS, sdpa_operands
+from tcompile.cost.flops import traced_cost
 from tcompile.passes.kv_eviction import KVPolicy
 
 
@@ -39,6 +40,9 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, 
     if hk != kv_heads:
         probs = probs.reshape(b, kv_heads, hk // kv_heads, t, nk).mean(dim=2)
     return probs
+
+
+attention_rows.__tcompile_cost__ = traced_cost(attention_rows)   # tens of ops per call, not one
 
 
 def expose_attention_rows(gm: torch.fx.GraphModule, kv_heads: int) -> torch.fx.GraphModule:
