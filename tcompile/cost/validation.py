@@ -130,23 +130,21 @@ def _lm_case(program: Any, specs: list[PassSpec], phase: str, tokens: int, profi
     capacity = runtime.capacity(int(ids.shape[1]))
     _, cache = runtime._prefill(ids, mask, capacity)
     token, recorded, decode = ids[:, -1], [], runtime.decode_fn
-    runtime.decode_fn = lambda *a: recorded.append(a) or decode(*a)       # the step's real inputs
+
+    def recording(*args: Any) -> Any:                   # the step's real inputs and outputs
+        recorded.append((args, decode(*args)))
+        return recorded[-1][1]
+    runtime.decode_fn = recording
     try:
         runtime._decode(token, cache, capacity)
     finally:
         runtime.decode_fn = decode
-    policy = runtime.policy if runtime.evicts else None
-    predicted = (priced_at(runtime.decode_graph, recorded[0], profile)
-                 + book_cost(policy, capacity, _book_args(runtime, recorded[0], cache), profile))
-    return predicted, lambda: runtime._decode(token, cache, capacity)
-
-
-def _book_args(runtime: Any, step_args: tuple, cache: Any) -> tuple:
-    """The arguments ``book`` gets after a decode step with inputs ``step_args`` (its scores from
-    the step's outputs): what the runtime's bookkeeping works on at this cache size."""
-    _, _, scores = runtime._split(runtime.decode_graph(*step_args))
+    (step_args, step_out), = recorded
     _, seen, valid, slot, _ = step_args
-    return scores, cache.pos, cache.state, valid, seen[:, 0], slot
+    book_args = (runtime._split(step_out)[2], cache.pos, cache.state, valid, seen[:, 0], slot)
+    policy = runtime.policy if runtime.evicts else None
+    predicted = priced_at(runtime.decode_graph, step_args, profile) + book_cost(policy, capacity, book_args, profile)
+    return predicted, lambda: runtime._decode(token, cache, capacity)
 
 
 def validate(model: Any, configs: Sequence[str | Sequence[PassSpec]], example_inputs: Any = None, *,
