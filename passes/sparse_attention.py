@@ -43,6 +43,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from tcompile import _compat
 from tcompile.analysis.graph_utils import SDPA_OPS
 from tcompile.cost.flops import SOFTMAX_FLOPS_PER_ELEM, NodeCost
+from tcompile.cost.probe import Probe, TensorSpec
 from tcompile.errors import PassOptionError
 from tcompile.pass_manager import PassContext, PassSkipped
 from tcompile.passes import sparse_ops
@@ -187,13 +188,21 @@ def sparse_work(codes: str, density: float, block: int, heads: int, n: int, d: i
 def _op_cost(node: torch.fx.Node, size: Callable[[object], int]) -> NodeCost:
     """Cost-model rule for the op (:func:`sparse_work` per batch row, plus the q/k/v/output
     traffic); kind ``sparse_attention``, priced at the profile's measured sparse rate, or
-    ``attention`` when the rows run dense."""
+    ``attention`` when the rows run dense. It carries a probe (the op on random q/k/v of the
+    node's shapes, no padding): on a profile measured on this host the op is timed instead, as
+    its tile loop's time follows where the estimated pattern falls, not its FLOPs."""
     q, k = (a.meta["val"] for a in node.args[:2])
-    codes, density, block, _, _, last_q, min_tokens = node.args[4:11]
+    codes, density, block, sinks, window, last_q, min_tokens, scale = node.args[4:12]
+    tiles = node.args[12] if len(node.args) > 12 else node.kwargs.get("tiles", False)
     bsz, heads, n, d = (size(x) for x in q.shape)
+    kv_shape = (bsz, size(k.shape[1]), n, d)
     flops, ops = sparse_work(codes, density, block, heads, n, d, q.device.type == "cpu", last_q, min_tokens)
-    nbytes = (2 * bsz * heads + 2 * bsz * size(k.shape[1])) * n * d * q.element_size()
-    return NodeCost(bsz * flops, float(nbytes), "attention" if ops == 1.0 else "sparse_attention", bsz * ops)
+    nbytes = (2 * bsz * heads + 2 * bsz * kv_shape[1]) * n * d * q.element_size()
+    probe = Probe(torch.ops.tcompile.sparse_prefill_attention.default,
+                  (TensorSpec((bsz, heads, n, d), q.dtype), TensorSpec(kv_shape, q.dtype), TensorSpec(kv_shape, q.dtype),
+                   None, codes, density, block, sinks, window, last_q, min_tokens, scale, tiles))
+    return NodeCost(bsz * flops, float(nbytes), "attention" if ops == 1.0 else "sparse_attention", bsz * ops,
+                    probe)
 
 
 sparse_prefill_attention._opoverload.__tcompile_cost__ = _op_cost

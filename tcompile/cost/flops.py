@@ -18,6 +18,8 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves, tree_map
 
+from tcompile.cost.probe import Probe
+
 KINDS = ("matmul", "attention", "sparse_attention", "elementwise", "reduction", "data", "view", "other")
 #: FLOPs per output element of pointwise functions that cost more than one arithmetic op.
 POINTWISE_FLOPS: dict[str, float] = {"exp": 4, "exp2": 4, "expm1": 4, "log": 4, "log1p": 4,
@@ -73,12 +75,14 @@ _DATA = _GATHERS | _CREATES | _names(
 
 @dataclass(frozen=True)
 class NodeCost:
-    """What one node costs: FLOPs, bytes moved, its kind, and how many ops it dispatches."""
+    """What one node costs: FLOPs, bytes moved, its kind, and how many ops it dispatches; a
+    ``probe`` when the node is priced by timing it on the device (see :mod:`tcompile.cost.probe`)."""
 
     flops: float
     bytes: float
     kind: str
     ops: float = 1.0
+    probe: Probe | None = None
 
 
 ZERO_COST = NodeCost(0.0, 0.0, "view", 0.0)

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from tcompile.cost.flops import KINDS, NodeCost, call_nodes, graph_cost
+from tcompile.cost.probe import probe_seconds
 
 if TYPE_CHECKING:
     from tcompile.cost.profile import DeviceProfile
@@ -48,8 +49,11 @@ def predict_node_seconds(cost: NodeCost, dtype: str, profile: DeviceProfile | st
     attention at its sparse rate (each falling back to the matmul rate when not measured),
     everything else at the elementwise rate. A matmul's bytes move at the profile's measured
     weight-streaming rate (what bounds a one-row matmul), other bytes at its copy bandwidth.
+    A node with a probe is timed instead, when the profile was measured on this host.
     """
     p = _resolve(profile)
+    if cost.probe is not None and p.runs_here():
+        return probe_seconds(cost.probe, p) + p.op_overhead
     rate = {"matmul": p.matmul_rate, "attention": p.attention_rate,
             "sparse_attention": p.sparse_attention_rate}.get(cost.kind, lambda _: p.elementwise_flops)(dtype)
     compute = cost.flops / rate if cost.flops else 0.0

@@ -10,6 +10,7 @@ on a machine with one, ``get_profile("cuda")`` measures it instead.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -50,6 +51,15 @@ class DeviceProfile:
     # bytes/s a matrix-vector product streams its weight at (a decode step's matmuls: one row
     # against a weight far beyond the caches), when measured; None falls back to mem_bandwidth
     matmul_bandwidth: float | None = None
+
+    def runs_here(self) -> bool:
+        """Whether this profile was measured on this host as it runs now (its CPU model and
+        thread count, or its GPU visible): only then may a node be timed for it (op probes)."""
+        if self.source != "measured":
+            return False
+        if self.kind == "cpu":
+            return self.name == cpu_profile_name()
+        return torch.cuda.is_available() and self.name == cuda_profile_name(torch.cuda.current_device())
 
     def weight_bandwidth(self) -> float:
         """Bytes/s of the memory side of a matmul: measured weight streaming, else mem_bandwidth."""
@@ -213,7 +223,7 @@ def measure_cpu_profile(seconds_budget: float = 4.0) -> DeviceProfile:
         notes.append(f"fp32 1024^3 matmul {rate / 1e9:.1f} GFLOP/s")
     threads = torch.get_num_threads()
     return DeviceProfile(
-        name=f"cpu: {cpu_model()} ({threads} threads)", kind="cpu", matmul_flops=rates,
+        name=cpu_profile_name(), kind="cpu", matmul_flops=rates,
         elementwise_flops=elementwise, mem_bandwidth=bandwidth, op_overhead=overhead,
         source="measured", measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         threads=threads, notes="; ".join(notes), attention_flops=attention, sparse_attention_flops=sparse,
@@ -278,13 +288,24 @@ def measure_cuda_profile(seconds_budget: float = 4.0, device: int | None = None)
     bandwidth = 2.0 * src.numel() * 4 / timed(lambda: dst.copy_(src))
     overhead = measure_op_overhead(dev, max_seconds=0.5)
     return DeviceProfile(
-        name=f"cuda: {torch.cuda.get_device_name(dev)}", kind="cuda", matmul_flops=rates,
+        name=cuda_profile_name(dev), kind="cuda", matmul_flops=rates,
         elementwise_flops=elementwise, mem_bandwidth=bandwidth, op_overhead=overhead,
         source="measured", measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         notes=f"torch {torch.__version__}; matmul [{m}, {k}] x [{k}, {n}]; elementwise from x*y+z "
               "on 64 MB tensors (memory-bound on a GPU)")
 
 
+def cpu_profile_name() -> str:
+    """The name a profile of this CPU at the current torch thread count carries."""
+    return f"cpu: {cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def cuda_profile_name(device: int | torch.device) -> str:
+    """The name a measured profile of that GPU carries."""
+    return f"cuda: {torch.cuda.get_device_name(device)}"
+
+
+@functools.cache
 def cpu_model() -> str:
     """The CPU's model string (/proc/cpuinfo "model name"), the cache key of its profile."""
     try:

@@ -1,9 +1,12 @@
 """cost.validate: predicted vs measured latency per configuration, Spearman, errors."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from tcompile.cost import DeviceProfile, cpu_profile
 from tcompile.cost.validation import spearman, validate
 from tcompile.models.lm import tiny_llama
 from tcompile.runtime import capture_lm
@@ -61,10 +64,35 @@ def test_lm_decode_prices_the_policys_bookkeeping(llama, monkeypatch):
     assert 0 < full < tova
 
 
-def test_sparse_op_cost_scales_with_density(llama):
+def elsewhere() -> DeviceProfile:
+    """This CPU's profile as if measured on another machine: priced by the rules, never probed."""
+    return dataclasses.replace(cpu_profile(), name="cpu: another machine (2 threads)")
+
+
+def test_sparse_op_rule_scales_with_density(llama):
     configs = [f"sparse_attention{{density={d},block=16,min_tokens=16,last_q=16}}" for d in (0.1, 0.5, 1.0)]
-    preds = [r.predicted_s for r in validate(llama, configs, phase="prefill", tokens=512, rounds=1).rows]
+    preds = [r.predicted_s for r in validate(llama, configs, phase="prefill", tokens=512, rounds=1,
+                                             profile=elsewhere()).rows]
     assert preds[0] < preds[1] < preds[2]
+
+
+def test_sparse_op_is_timed_on_this_hosts_profile(llama, monkeypatch):
+    """On the profile measured here, the sparse op is priced by timing it (its probe: the op on
+    random q/k/v of the node's shapes); elsewhere by its rule."""
+    from tcompile.cost import model
+    timed: list[object] = []
+
+    def fake_time(probe, profile):
+        timed.append(probe)
+        return 0.5
+    monkeypatch.setattr(model, "probe_seconds", fake_time)
+    config = ["", "sparse_attention{density=0.3,block=16,min_tokens=16}"]
+    here = validate(llama, config, phase="prefill", tokens=256, rounds=1).rows
+    layers = llama.spec.num_layers
+    assert len(timed) == layers and all(p.args[3] is None and p.args[0].shape[2] == 256 for p in timed)
+    assert here[1].predicted_s > layers * 0.5 > here[0].predicted_s
+    away = validate(llama, config, phase="prefill", tokens=256, rounds=1, profile=elsewhere()).rows
+    assert len(timed) == layers and away[1].predicted_s < layers * 0.5
 
 
 def test_bad_input(vit_program, llama):
