@@ -4,8 +4,9 @@ The planner prunes candidates by predicted latency, so what matters most is that
 *ranks* configurations as the clock does (Spearman's rho) and, for budgets stated as ratios, that
 its absolute figures are near (median relative error). ``validate`` runs both sides the same
 way: the rewritten graph of each configuration is priced by :func:`predict_latency` at the
-measured shapes, and timed in interleaved rounds (one call of each configuration per round,
-medians), so a machine that slows down mid-run slows every configuration alike (the rewritten
+measured shapes, and timed in interleaved rounds (one call of each configuration per round;
+each configuration's median ratio to the first within a round: :func:`paired_median`), so a
+machine that slows down mid-run slows every configuration alike (the rewritten
 graphs share the model's weights: ten SmolLM2 configurations with their 2k caches fit in a few GB).
 A decode step is priced with its cache bookkeeping (the policy's ranking: ``book_cost``).
 
@@ -194,5 +195,14 @@ def validate(model: Any, configs: Sequence[str | Sequence[PassSpec]], example_in
             for i, (_, _, fn) in enumerate(cases):
                 times[i].append(timed(fn))
         results = [(name, pred, t) for (name, pred, _), t in zip(cases, times)]
-    rows = [ConfigResult(name, pred, statistics.median(t), t) for name, pred, t in results]
+    rows = [ConfigResult(name, pred, paired_median(t, times[0]), t) for name, pred, t in results]
     return Validation(phase, prof.name, rows)
+
+
+def paired_median(times: Sequence[float], reference: Sequence[float]) -> float:
+    """A configuration's seconds from interleaved rounds: its median ratio to the reference
+    configuration (the first) of the same round, times the reference's median. Why paired: on a
+    shared machine a slow spell spans rounds (a SmolLM2 decode step measured 85-100 ms for four
+    rounds, then 130-160 ms), and a per-configuration median then ranks by which rounds landed in
+    the spell; a ratio taken within one round cancels it."""
+    return statistics.median(t / r for t, r in zip(times, reference)) * statistics.median(reference)

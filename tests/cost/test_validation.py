@@ -113,3 +113,12 @@ def test_sparse_op_rule_counts_the_cpu_path_dispatches():
     assert ops > 500 and one == 1.0 and flops < dense
     assert sparse_work("v", 0.3, 64, 9, 1024, 64, on_cpu=False)[1] < ops
     assert sparse_work("v", 0.3, 64, 9, 4096, 64, on_cpu=True)[1] > ops      # more blocks, more ops
+
+
+def test_paired_median_cancels_a_slow_spell():
+    from tcompile.cost.validation import paired_median
+    ref = [1.0, 1.0, 2.0, 2.0, 2.0]          # the machine halves its speed after two rounds
+    other = [0.8, 0.8, 1.6, 1.6, 1.6]        # always 0.8x the reference within a round
+    assert paired_median(ref, ref) == 2.0
+    assert paired_median(other, ref) == pytest.approx(1.6)
+    assert paired_median([0.5, 0.5, 4.0, 4.0, 4.0], ref) > paired_median(other, ref)
