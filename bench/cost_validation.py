@@ -4,7 +4,9 @@ Usage: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/cost_validation.py [--part
 
 The CPU profile is re-measured first (``cpu_profile(refresh=True)``, as ``tcompile calibrate``
 does), then ``tcompile.cost.validate`` predicts each configuration from its rewritten graph and
-times it in interleaved rounds (medians):
+times it in interleaved rounds (9 by default, 36 for a decode step; each configuration's median
+ratio to the unoptimized one within a round, times the latter's median: a shared machine's slow
+spells span rounds, and single SmolLM2 prefills vary +-10% call to call here):
   vit      ViT-B/16 (random init), batch 8, 224x224, fp32: token merging r=0..16, pruning
   prefill  SmolLM2-135M, one 1,024-token prompt: sparse attention densities/patterns, GemFilter keeps
   decode   SmolLM2-135M, one decode step after a 2,048-token prompt: KV policies and budgets
@@ -36,7 +38,7 @@ DECODE = ["", "kv_streaming{ratio=0.75}", "kv_streaming{ratio=0.5}", "kv_streami
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", nargs="*", default=["vit", "prefill", "decode"], choices=["vit", "prefill", "decode"])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()
     started = time.perf_counter()
     profile = cpu_profile(refresh=True)
