@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ def _datasheet(name: str, fp32: float, tf32: float, half: float, bw: float, cite
 
 
 #: Version of the measurement method, part of the cache key: a change re-measures old caches.
-PROFILE_METHOD = 5
+PROFILE_METHOD = 6
 _T = 1e12
 DATASHEETS: dict[str, DeviceProfile] = {
     # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM: FP32 67 TFLOPS; TF32 989, BF16/FP16 1,979,
@@ -165,33 +166,35 @@ def _fma(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -
 
 def measure_cpu_profile(seconds_budget: float = 9.0, passes: int = 3) -> DeviceProfile:
     """Measure this CPU with torch, at the current thread count, within ``seconds_budget``: the
-    fastest of ``passes`` back-to-back passes per figure (see :func:`_measure_cpu_pass`).
+    median of ``passes`` back-to-back passes per figure (see :func:`_measure_cpu_pass`).
 
     Why passes: a shared VM has slow spells of seconds. One 4-second pass at 15:34Z on 2026-11-29
     took the elementwise rate at 2.1 GFLOP/s (4.6-4.7 in profiles of 13:53Z), the per-op overhead
     at 24 us (11-18) and weight streaming at 6.5 GB/s (10): the dense SmolLM2 prefill was predicted
-    51% slow while the sparse op, timed minutes later, was not, and the ranking broke. Figures
-    are fastest-of within a pass already; across passes the same rule drops a spell."""
+    51% slow while the sparse op, timed minutes later, was not, and the ranking broke. Why the
+    median and not the fastest pass: a figure is the fastest run within its pass already (that
+    drops sub-second spikes); the fastest of three passes priced SmolLM2's weight-bound decode step
+    27% under its measured median (15:52Z), the median pass is the machine as it usually runs."""
     if passes < 1:
         raise ValueError(f"passes={passes} must be >= 1")
     runs = [_measure_cpu_pass(seconds_budget / passes) for _ in range(passes)]
 
-    def fastest(get: Callable[[DeviceProfile], float | None]) -> float | None:
+    def typical(get: Callable[[DeviceProfile], float | None]) -> float | None:
         values = [v for v in map(get, runs) if v is not None]
-        return max(values) if values else None
+        return statistics.median(values) if values else None
     dtypes = {d for r in runs for d in r.matmul_flops}
-    overhead = min(r.op_overhead for r in runs)
-    notes = runs[-1].notes + (f"; fastest of {passes} passes per figure" if passes > 1 else "")
+    overhead = typical(lambda r: r.op_overhead)
+    notes = runs[-1].notes + (f"; median of {passes} passes per figure" if passes > 1 else "")
     if overhead > CONTENDED_OVERHEAD:
         notes += "; CONTENDED: other processes held the cores, recalibrate when quiet"
         warnings.warn(f"CPU busy while profiling ({overhead * 1e6:.0f} us per op): figures may "
                       "be far off; run `tcompile calibrate` when the machine is idle", stacklevel=2)
     return dataclasses.replace(
-        runs[-1], matmul_flops={d: max(r.matmul_flops[d] for r in runs if d in r.matmul_flops) for d in dtypes},
-        elementwise_flops=fastest(lambda r: r.elementwise_flops), mem_bandwidth=fastest(lambda r: r.mem_bandwidth),
-        op_overhead=overhead, attention_flops=fastest(lambda r: r.attention_flops),
-        sparse_attention_flops=fastest(lambda r: r.sparse_attention_flops),
-        matmul_bandwidth=fastest(lambda r: r.matmul_bandwidth), notes=notes)
+        runs[-1], matmul_flops={d: typical(lambda r: r.matmul_flops.get(d)) for d in dtypes},
+        elementwise_flops=typical(lambda r: r.elementwise_flops), mem_bandwidth=typical(lambda r: r.mem_bandwidth),
+        op_overhead=overhead, attention_flops=typical(lambda r: r.attention_flops),
+        sparse_attention_flops=typical(lambda r: r.sparse_attention_flops),
+        matmul_bandwidth=typical(lambda r: r.matmul_bandwidth), notes=notes)
 
 
 #: Seconds per op above which the profile is flagged contended (~20 us when the machine is quiet:
