@@ -2,9 +2,9 @@
 
 Usage: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/cost_validation.py [--parts vit prefill decode]
 
-The CPU profile is re-measured first (``cpu_profile(refresh=True)``, as ``tcompile calibrate``
-does), then ``tcompile.cost.validate`` predicts each configuration from its rewritten graph and
-times it in interleaved rounds (9 by default, 36 for a decode step; each configuration's median
+The CPU profile is re-measured before each part (``cpu_profile(refresh=True)``, as ``tcompile
+calibrate`` does: a run takes ~16 minutes and this machine's speed drifts over that), then
+``tcompile.cost.validate`` predicts each configuration from its rewritten graph and times it in interleaved rounds (9 by default, 36 for a decode step; each configuration's median
 ratio to the unoptimized one within a round, times the latter's median: a shared machine's slow
 spells span rounds, and single SmolLM2 prefills vary +-10% call to call here):
   vit      ViT-B/16 (random init), batch 8, 224x224, fp32: token merging r=0..16, pruning
@@ -41,14 +41,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()
     started = time.perf_counter()
-    profile = cpu_profile(refresh=True)
-    payload: dict = {"profile": profile.to_dict(), "parts": {}}
+    payload: dict = {"parts": {}}
     if "vit" in args.parts:
         from tcompile.models.vision import vit_b16
+        profile = cpu_profile(refresh=True)
         result = validate(vit_b16().eval(), VIT, {"pixel_values": torch.randn(8, 3, 224, 224)}, profile=profile,
                           rounds=args.rounds)
         print(result.table(), flush=True)
-        payload["parts"]["vit_b16_batch8"] = result.to_dict()
+        payload["parts"]["vit_b16_batch8"] = {**result.to_dict(), "device_profile": profile.to_dict()}
         save("cost_validation", payload)
     if {"prefill", "decode"} & set(args.parts):
         from tcompile.models.lm import load_smollm2
@@ -56,10 +56,11 @@ def main() -> None:
         program = capture_lm(load_smollm2(), "SmolLM2-135M-Instruct")
         for part, configs, tokens in (("prefill", PREFILL, 1024), ("decode", DECODE, 2048)):
             if part in args.parts:
+                profile = cpu_profile(refresh=True)
                 result = validate(program, configs, phase=part, tokens=tokens, profile=profile,
                                   rounds=args.rounds if part == "prefill" else 4 * args.rounds)
                 print(result.table(), flush=True)
-                payload["parts"][f"smollm2_{part}_{tokens}"] = result.to_dict()
+                payload["parts"][f"smollm2_{part}_{tokens}"] = {**result.to_dict(), "device_profile": profile.to_dict()}
                 save("cost_validation", payload)          # each part as soon as it is measured
     payload["seconds"] = time.perf_counter() - started
     print("wrote", save("cost_validation", payload))
