@@ -218,14 +218,15 @@ class LMPlanner:
             outs.append(out[0, prompt.numel():])
         return time.perf_counter() - started, outs
 
-    def measure(self, cand: LMCandidate) -> None:
-        """Agreement (which also warms the plan's graphs up), then latency in interleaved rounds
-        against the unoptimized model; a plan that cannot run on this workload is noted."""
+    def measure(self, cand: LMCandidate, rounds: int | None = None) -> None:
+        """Agreement (which also warms the plan's graphs up), then latency in ``rounds`` (default
+        the planner's) interleaved rounds against the unoptimized model; a plan that cannot run
+        on this workload is noted."""
         try:
             runtime = self.build(cand.specs)
             cand.fidelity = fidelity(self.ref_logits, runtime, self.workload)
             base, mine = [], []
-            for _ in range(self.rounds):
+            for _ in range(rounds or self.rounds):
                 base.append(self._run(self.reference)[0])
                 seconds, outs = self._run(runtime)
                 mine.append(seconds)
@@ -294,11 +295,27 @@ class LMPlanner:
         """Whether ``cost`` more seconds end before the deadline."""
         return time.monotonic() + cost < self.deadline
 
-    def measure_cost(self, cand: LMCandidate) -> float:
-        """About what measuring ``cand`` takes: agreement (≈ one workload) and ``rounds`` timed
-        workloads of the unoptimized model and of the plan (at its predicted ratio)."""
+    def rounds_that_fit(self, cand: LMCandidate) -> int:
+        """How many timed rounds measuring ``cand`` can take before the deadline, at most the
+        planner's ``rounds`` (0: not even one). A measurement costs about the agreement (≈ one
+        workload) plus, per round, one workload of the unoptimized model and one of the plan (at
+        its predicted ratio). Why fewer rounds rather than none: on a slow spell of this machine
+        SmolLM2's capture and reference run left 120 s of a 300 s limit, three rounds needed 187,
+        and the planner gave up on a plan it predicted at 0.40 with one round's time to spare."""
         ratio = cand.predicted if cand.predicted is not None else 1.0
-        return self.workload_s * (1 + self.rounds * (1 + ratio))
+        left = self.deadline - time.monotonic()
+        return max(0, min(self.rounds, int((left / self.workload_s - 1) / (1 + ratio))))
+
+    def _measure_in_time(self, cand: LMCandidate) -> bool:
+        """Measure ``cand`` in as many rounds as fit before the deadline (noted when fewer than
+        the planner's); False when not even one fits."""
+        rounds = self.rounds_that_fit(cand)
+        if rounds == 0:
+            return False
+        self.measure(cand, rounds)
+        if rounds < self.rounds:
+            cand.note = "; ".join(n for n in (cand.note, f"timed in {rounds} of {self.rounds} rounds: time limit") if n)
+        return True
 
     def _meets(self, c: LMCandidate) -> bool:
         b = self.budget
@@ -375,10 +392,8 @@ class LMPlanner:
             if c.predicted is not None and c not in promising:
                 c.note = f"not measured: predicted latency ratio {c.predicted:.3f} > budget × {SLACK}"
         for cand in promising:
-            if not self._time_left(self.measure_cost(cand)):
+            if not self._measure_in_time(cand):
                 cand.note = "not measured: planner time limit reached"
-                continue
-            self.measure(cand)
         tried += singles
         if not any(self._meets(c) for c in tried):
             tried += self._compose(singles, base_kv)
@@ -406,7 +421,7 @@ class LMPlanner:
         order = sorted(by_family, key=lambda f: min(c.predicted for c in by_family[f]))
         for fam in order:
             for other in sorted(by_family[fam], key=lambda c: -c.predicted):   # least aggressive first
-                if not self._time_left(self.measure_cost(other)) or self._meets(current):
+                if not self.rounds_that_fit(other) or self._meets(current):
                     return out
                 cand = LMCandidate(current.specs + [s for s in other.specs if s not in base_kv], note="composed")
                 try:
@@ -419,7 +434,8 @@ class LMPlanner:
                     cand.note = f"composed; not measured: predicted latency ratio {cand.predicted:.3f} > budget × {SLACK}"
                     out.append(cand)
                     continue
-                self.measure(cand)
+                if not self._measure_in_time(cand):
+                    cand.note = "composed; not measured: planner time limit reached"
                 out.append(cand)
                 if cand.measured is not None and cand.measured < current.measured and \
                         (q is None or cand.fidelity.agreement >= q):

@@ -114,6 +114,26 @@ def test_time_limit_bounds_the_search(verify_program, llama):
         _planner(verify_program, llama, "latency=0.6", [_text()], time_limit=0)
 
 
+def test_a_plan_is_timed_in_the_rounds_that_fit_before_the_deadline(verify_program, llama, monkeypatch):
+    """Near the deadline a plan is timed in fewer rounds (noted), not skipped; with no time for
+    one round it is not measured."""
+    import time
+
+    from tcompile.runtime.lm_planner import LMCandidate
+    _fixed_clock(monkeypatch, {"speculative": 0.5})
+    planner = _planner(verify_program, llama, "latency=0.6", [_text()], rounds=3)
+    planner.workload_s = 10.0
+    cand = LMCandidate([PassSpec.make("speculative")], predicted=0.5)
+    planner.deadline = time.monotonic() + 1000
+    assert planner.rounds_that_fit(cand) == 3
+    planner.deadline = time.monotonic() + 10 * (1 + 1 * 1.5) + 5     # agreement + one round, not two
+    assert planner.rounds_that_fit(cand) == 1
+    assert planner._measure_in_time(cand) and cand.measured == pytest.approx(0.5)
+    assert "timed in 1 of 3 rounds" in cand.note
+    planner.deadline = time.monotonic() + 10
+    assert planner.rounds_that_fit(cand) == 0 and not planner._measure_in_time(LMCandidate(cand.specs, 0.5))
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"budget": "latency=0.6"}, tcompile.TCompileError, "needs calibration text"),
     ({"budget": "memory=0.5", "calibration": [torch.arange(100)]}, tcompile.BudgetError, "not planned"),
