@@ -20,7 +20,9 @@ Results: bench/results/planner_budget_<part>.json; reports in out/planner_<part>
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,17 +47,25 @@ def vit_part(rounds: int) -> None:
     print(opt.report.summary())
     print(f"chosen {opt.pipeline}: measured latency ratio {ratio:.3f} (budget 0.5), fidelity {fidelity:.4f} "
           f"(budget 0.97), planning {plan_s:.0f} s")
-    opt.export("out/planner_vit")
     save("planner_budget_vit", {"budget": {"latency": 0.5, "quality": 0.97}, "pipeline": opt.pipeline,
                                 "latency_ratio": ratio, "fidelity": fidelity, "planning_s": plan_s,
                                 "times": {k: v["times"] for k, v in times.items()},
                                 "candidates": [c.__dict__ for c in opt.report.candidates],
                                 "met": ratio <= 0.5 and fidelity >= 0.97})
+    export_fresh(opt, "out/planner_vit")
 
 
 def chat_ids(tok, content: str) -> torch.Tensor:
     text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
     return torch.tensor(tok.encode(text, add_special_tokens=False))
+
+
+def export_fresh(opt, path: str) -> None:
+    """Export into ``path`` after removing this bench's output of an earlier run there (export
+    refuses a folder that is not an artifact: a run that ended unreachable leaves only a report),
+    once the figures are saved."""
+    shutil.rmtree(Path(path), ignore_errors=True)
+    opt.export(path)
 
 
 def copy_text(tok, topic: str, total: int = 480, continuation: int = 32) -> torch.Tensor:
@@ -132,12 +142,12 @@ def lm_part(rounds: int, time_limit: float, new_tokens: int, workload: str) -> N
         print(f"{name}: latency ratio {ratio:.3f} (budget 0.6), agreement {fid.agreement:.3f} (budget 0.95), "
               f"KL {fid.kl:.4f}", flush=True)
     met = results["calibration"]["latency_ratio"] <= 0.6 and results["calibration"]["agreement"] >= 0.95
-    opt.export(f"out/planner_lm_{workload}_{new_tokens}")
     save(f"planner_budget_lm_{workload}_{new_tokens}", {
         "budget": budget.to_dict(), "workload": workload, "new_tokens": new_tokens, "pipeline": opt.pipeline,
         "planning_s": plan_s, "time_limit": time_limit, "results": results, "met": met,
         "candidates": [c.__dict__ for c in opt.report.candidates], "notes": opt.report.notes,
         "prompt_tokens": [int(t.numel()) - 32 for t in calibration]})
+    export_fresh(opt, f"out/planner_lm_{workload}_{new_tokens}")
     print(f"met: {met}  (median of {rounds} interleaved rounds; planning {plan_s:.0f} s)")
 
 
