@@ -30,26 +30,9 @@ from tcompile.models.vision import tiny_bert, tiny_vit  # noqa: E402
 if _WORKERS > 1:
     torch.set_num_threads(_THREADS)
 
-# Modules that take minutes (the real SmolLM2's capture and 128-token loops): scheduled first, as
-# one unit on one worker under `--dist loadfile` (one SmolLM2 capture, ~2 minutes here, instead of
-# one per worker), while the other modules fill in around them.
+# Modules that take minutes (the real SmolLM2's capture and 128-token loops): scheduled first, one
+# per worker under `--dist loadfile`, while the other modules fill in around them.
 LONG_MODULES = ("tests/runtime/test_smollm2.py", "tests/runtime/test_smollm2_speculative.py")
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    """`--dist loadfile`, with the SmolLM2 modules in one work unit (they share the session's
-    captured SmolLM2). xdist's own `loadgroup` would express this, but with pytest 9.2 it does not
-    group (it renames `item._nodeid`; pytest 9 reads `item._id`)."""
-    if config.getoption("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadFileScheduling
-
-    class SharedSmolLM2(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            path = super()._split_scope(nodeid)
-            return "smollm2" if path in LONG_MODULES else path
-    return SharedSmolLM2(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
