@@ -3,8 +3,9 @@
 Usage: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/cost_validation.py [--parts vit prefill decode]
 
 The CPU profile is re-measured before each part (``cpu_profile(refresh=True)``, as ``tcompile
-calibrate`` does: a run takes ~16 minutes and this machine's speed drifts over that), then
-``tcompile.cost.validate`` predicts each configuration from its rewritten graph and times it in interleaved rounds (9 by default, 36 for a decode step; each configuration's median
+calibrate`` does: a run takes ~17 minutes and this machine's speed drifts over that), then
+``tcompile.cost.validate`` predicts each configuration from its rewritten graph and times it in
+interleaved rounds (9 by default, 36 for a decode step; each configuration's median
 ratio to the unoptimized one within a round, times the latter's median: a shared machine's slow
 spells span rounds, and single SmolLM2 prefills vary +-10% call to call here):
   vit      ViT-B/16 (random init), batch 8, 224x224, fp32: token merging r=0..16, pruning
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import torch
 
@@ -42,26 +44,27 @@ def main() -> None:
     args = ap.parse_args()
     started = time.perf_counter()
     payload: dict = {"parts": {}}
+
+    def part(name: str, *inputs: Any, **options: Any) -> None:
+        """Re-measure the profile, validate, print, and save the part as soon as it is measured."""
+        profile = cpu_profile(refresh=True)
+        result = validate(*inputs, profile=profile, **options)
+        print(result.table(), flush=True)
+        payload["parts"][name] = {**result.to_dict(), "device_profile": profile.to_dict()}
+        save("cost_validation", payload)
+
     if "vit" in args.parts:
         from tcompile.models.vision import vit_b16
-        profile = cpu_profile(refresh=True)
-        result = validate(vit_b16().eval(), VIT, {"pixel_values": torch.randn(8, 3, 224, 224)}, profile=profile,
-                          rounds=args.rounds)
-        print(result.table(), flush=True)
-        payload["parts"]["vit_b16_batch8"] = {**result.to_dict(), "device_profile": profile.to_dict()}
-        save("cost_validation", payload)
+        part("vit_b16_batch8", vit_b16().eval(), VIT, {"pixel_values": torch.randn(8, 3, 224, 224)},
+             rounds=args.rounds)
     if {"prefill", "decode"} & set(args.parts):
         from tcompile.models.lm import load_smollm2
         from tcompile.runtime import capture_lm
         program = capture_lm(load_smollm2(), "SmolLM2-135M-Instruct")
-        for part, configs, tokens in (("prefill", PREFILL, 1024), ("decode", DECODE, 2048)):
-            if part in args.parts:
-                profile = cpu_profile(refresh=True)
-                result = validate(program, configs, phase=part, tokens=tokens, profile=profile,
-                                  rounds=args.rounds if part == "prefill" else 4 * args.rounds)
-                print(result.table(), flush=True)
-                payload["parts"][f"smollm2_{part}_{tokens}"] = {**result.to_dict(), "device_profile": profile.to_dict()}
-                save("cost_validation", payload)          # each part as soon as it is measured
+        for phase, configs, tokens in (("prefill", PREFILL, 1024), ("decode", DECODE, 2048)):
+            if phase in args.parts:
+                part(f"smollm2_{phase}_{tokens}", program, configs, phase=phase, tokens=tokens,
+                     rounds=args.rounds if phase == "prefill" else 4 * args.rounds)
     payload["seconds"] = time.perf_counter() - started
     print("wrote", save("cost_validation", payload))
 
