@@ -19,7 +19,8 @@ are pre-packed. Freezing must be set in ``torch._inductor.config`` while the com
 generated code, which still passed the weights as inputs). On a CPU the batch is compiled
 symbolic (``dynamic=True``): with a symbolic batch Inductor packs fp32 linear weights for oneDNN
 (``mkldnn._linear_pointwise``), with a static one for MKL's packed SGEMM, which is no faster than
-the unpacked GEMM eager calls. On the 2-core AVX2 build machine a lone ViT-B/16 linear ran at
+the unpacked GEMM eager calls; GELUs are kept out of oneDNN's GEMM epilogue, which is slower than
+a separate pass here (:mod:`tcompile.lowering.inductor_passes`). On the 2-core AVX2 build machine a lone ViT-B/16 linear ran at
 120-132 GFLOP/s through oneDNN against 68-111 through ATen's GEMM, and ViT-B/16 with
 ``token_merging{r=16}`` at batch 8 went from 1.05-1.08x to 1.17-1.24x eager (bench/RESULTS.md §8).
 """
@@ -35,6 +36,7 @@ import torch
 from tcompile.artifact import atomic_write_text
 from tcompile.errors import ArtifactError, CaptureError
 from tcompile.inputs import batch_inputs, call_names
+from tcompile.lowering.inductor_passes import GeluOutsideGemm
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +79,17 @@ class InductorModule:
                  options: dict[str, Any] | None = None, freezing: bool = True) -> None:
         self.program, self.mode, self.dynamic, self.freezing = program, mode, dynamic, freezing
         self.options = dict(DEFAULT_OPTIONS if options is None else options)
-        compile_dynamic = True if dynamic is None and _on_cpu(program) else dynamic
+        on_cpu = _on_cpu(program)
+        compile_dynamic = True if dynamic is None and on_cpu else dynamic
+        self._config: dict[str, Any] = {"freezing": freezing}
+        if freezing and on_cpu:
+            self._config["post_grad_custom_pre_pass"] = GeluOutsideGemm()
         self.compiled = torch.compile(program.module(), backend="inductor", mode=mode, dynamic=compile_dynamic,
                                       options=self.options or None)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # compiles happen inside calls (the first, and any recompile), so the setting is held here
-        with torch.no_grad(), torch._inductor.config.patch(freezing=self.freezing):
+        with torch.no_grad(), torch._inductor.config.patch(self._config):
             return self.compiled(*args, **kwargs)
 
     def save(self, directory: Path) -> list[str]:

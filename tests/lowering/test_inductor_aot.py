@@ -53,7 +53,8 @@ def test_serves_another_batch(lowered, eager) -> None:
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN (mkldnn)")
 def test_inductor_freezes_and_packs_linear_weights_for_onednn_on_cpu() -> None:
     """Freezing is held in Inductor's config during the compile (``torch.compile(options=...)``
-    ignores it) and the symbolic batch sends fp32 linears to oneDNN's packed GEMM."""
+    ignores it), the symbolic batch sends fp32 linears to oneDNN's packed GEMM, and the GELU is
+    not fused into that GEMM (tcompile.lowering.inductor_passes)."""
     from torch._dynamo.utils import counters
 
     from tcompile.lowering.inductor import InductorModule
@@ -65,6 +66,7 @@ def test_inductor_freezes_and_packs_linear_weights_for_onednn_on_cpu() -> None:
     with torch._inductor.config.patch(fx_graph_cache=False):   # a cache hit would skip the passes counted
         got = module(x)
     assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] >= 2
+    assert counters["inductor"]["mkldnn_unary_fusion_matcher_count"] == 0   # GELU stays out of the GEMM
     with torch.no_grad():
         assert (got - mlp(x)).abs().max().item() <= ATOL
         assert module(torch.randn(5, 16)).shape == (5, 8)
