@@ -19,10 +19,12 @@ are pre-packed. Freezing must be set in ``torch._inductor.config`` while the com
 generated code, which still passed the weights as inputs). On a CPU the batch is compiled
 symbolic (``dynamic=True``): with a symbolic batch Inductor packs fp32 linear weights for oneDNN
 (``mkldnn._linear_pointwise``), with a static one for MKL's packed SGEMM, which is no faster than
-the unpacked GEMM eager calls; GELUs are kept out of oneDNN's GEMM epilogue, which is slower than
-a separate pass here (:mod:`tcompile.lowering.inductor_passes`). On the 2-core AVX2 build machine a lone ViT-B/16 linear ran at
-120-132 GFLOP/s through oneDNN against 68-111 through ATen's GEMM, and ViT-B/16 with
-``token_merging{r=16}`` at batch 8 went from 1.05-1.08x to 1.17-1.24x eager (bench/RESULTS.md §8).
+the unpacked GEMM eager calls; GELUs are kept out of oneDNN's GEMM epilogue, which is slower
+than a separate pass here (:mod:`tcompile.lowering.inductor_passes`). On the 2-core AVX2 build
+machine a lone ViT-B/16 linear ran at 120-132 GFLOP/s through oneDNN against 68-111 through
+ATen's GEMM; ViT-B/16 with ``token_merging{r=16}`` at batch 8 went from 1.03-1.08x eager to
+1.21x and 1.16x in two bench runs and 1.00x in a later check (eager's own time drifts by more
+than that; bench/RESULTS.md §8).
 """
 from __future__ import annotations
 
