@@ -22,9 +22,9 @@ symbolic (``dynamic=True``): with a symbolic batch Inductor packs fp32 linear we
 the unpacked GEMM eager calls; GELUs are kept out of oneDNN's GEMM epilogue, which is slower
 than a separate pass here (:mod:`tcompile.lowering.inductor_passes`). On the 2-core AVX2 build
 machine a lone ViT-B/16 linear ran at 120-132 GFLOP/s through oneDNN against 68-111 through
-ATen's GEMM; ViT-B/16 with ``token_merging{r=16}`` at batch 8 went from 1.03-1.08x eager to
-1.21x and 1.16x in two bench runs and 1.00x in a later check (eager's own time drifts by more
-than that; bench/RESULTS.md §8).
+ATen's GEMM (one-off /tmp scripts); ViT-B/16 with ``token_merging{r=16}`` at batch 8 went from
+1.03-1.08x eager to 1.21x and 1.16x in two runs of bench/lowering_speed.py and 1.00x in a later
+one-off check (eager's own time drifts by more than that; bench/RESULTS.md §8).
 """
 from __future__ import annotations
 

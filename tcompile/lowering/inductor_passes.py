@@ -18,25 +18,24 @@ from pathlib import Path
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from tcompile.analysis.graph_utils import is_call
+
 aten = torch.ops.aten
-
-
-def _is(node: object, target: object) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is target
 
 
 def _gelu_input(node: torch.fx.Node) -> torch.fx.Node | None:
     """``y`` if ``node`` is ``mul(mul(y, 0.5), add(erf(mul(y, 1/sqrt(2))), 1))``, else None."""
-    if not _is(node, aten.mul.Tensor) or len(node.args) != 2:
+    if not is_call(node, (aten.mul.Tensor,)) or len(node.args) != 2:
         return None
     half, plus = node.args
-    if not (_is(half, aten.mul.Tensor) and half.args[1] == 0.5 and _is(plus, aten.add.Tensor) and plus.args[1] == 1):
+    if not (is_call(half, (aten.mul.Tensor,)) and half.args[1] == 0.5
+            and is_call(plus, (aten.add.Tensor,)) and plus.args[1] == 1):
         return None
     erf = plus.args[0]
-    if not _is(erf, aten.erf.default):
+    if not is_call(erf, (aten.erf.default,)):
         return None
     scaled, y = erf.args[0], half.args[0]
-    if not (_is(scaled, aten.mul.Tensor) and scaled.args[0] is y and isinstance(scaled.args[1], float)
+    if not (is_call(scaled, (aten.mul.Tensor,)) and scaled.args[0] is y and isinstance(scaled.args[1], float)
             and math.isclose(scaled.args[1], math.sqrt(0.5), rel_tol=1e-12)):
         return None
     return y
