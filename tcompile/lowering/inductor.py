@@ -65,6 +65,29 @@ def export_dynamic_batch(module: torch.nn.Module, args: tuple, kwargs: dict, wha
                            f"{type(exc).__name__}: {exc}") from exc
 
 
+class InferenceCompiled:
+    """``torch.compile(fn)`` run under ``no_grad`` with tcompile's inference settings (freezing,
+    and on a CPU the GELU pass) held in ``torch._inductor.config``: compiles happen inside calls
+    (the first, and any recompile), so the settings must be in force there, not at wrap time."""
+
+    def __init__(self, fn: Any, config: dict[str, Any], **compile_kwargs: Any) -> None:
+        self.fn, self.config = fn, config
+        self.compiled = torch.compile(fn, backend="inductor", **compile_kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad(), torch._inductor.config.patch(self.config):
+            return self.compiled(*args, **kwargs)
+
+
+def compile_for_inference(fn: Any, *, on_cpu: bool, freezing: bool = True, **compile_kwargs: Any) -> InferenceCompiled:
+    """The one way tcompile compiles a graph with Inductor (the ``inductor`` backend and the LM
+    runtime's decode/verify steps): see the module docstring for why freezing and the pass."""
+    config: dict[str, Any] = {"freezing": freezing}
+    if freezing and on_cpu:
+        config["post_grad_custom_pre_pass"] = GeluOutsideGemm()
+    return InferenceCompiled(fn, config, **compile_kwargs)
+
+
 class InductorModule:
     """A ``torch.compile``-d rewritten program with the original model's calling convention.
 
@@ -82,17 +105,12 @@ class InductorModule:
         self.program, self.mode, self.dynamic, self.freezing = program, mode, dynamic, freezing
         self.options = dict(DEFAULT_OPTIONS if options is None else options)
         on_cpu = _on_cpu(program)
-        compile_dynamic = True if dynamic is None and on_cpu else dynamic
-        self._config: dict[str, Any] = {"freezing": freezing}
-        if freezing and on_cpu:
-            self._config["post_grad_custom_pre_pass"] = GeluOutsideGemm()
-        self.compiled = torch.compile(program.module(), backend="inductor", mode=mode, dynamic=compile_dynamic,
-                                      options=self.options or None)
+        self.compiled = compile_for_inference(program.module(), on_cpu=on_cpu, freezing=freezing, mode=mode,
+                                              dynamic=True if dynamic is None and on_cpu else dynamic,
+                                              options=self.options or None)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # compiles happen inside calls (the first, and any recompile), so the setting is held here
-        with torch.no_grad(), torch._inductor.config.patch(self._config):
-            return self.compiled(*args, **kwargs)
+        return self.compiled(*args, **kwargs)
 
     def save(self, directory: Path) -> list[str]:
         """Write ``program.pt2`` and ``inductor.json`` (the compile options) into ``directory``."""

@@ -135,17 +135,22 @@ def lower_lm(runtime: LMRuntime, backend: str, example_args: tuple[tuple, tuple]
              engine_dir: Path | None = None) -> tuple[Path, list[str]] | None:
     """Lower the runtime's steps to ``backend`` in place; returns (directory, engine files) or None.
 
-    ``inductor`` compiles the (in-place) decode step with ``torch.compile(dynamic=True)``: one
-    compilation, on the first decode step, serves every cache size and batch; the ~2,000 small
-    ops of a step fuse into a few kernels. The prefill runs once per prompt and stays eager.
+    ``inductor`` compiles the (in-place) decode step, and the verify step of a speculative
+    runtime, with ``torch.compile(dynamic=True)`` under freezing
+    (:func:`tcompile.lowering.inductor.compile_for_inference`): one compilation, on the first
+    call, serves every cache size, batch and draft length; the ~2,000 small ops of a step fuse
+    into a few kernels and on a CPU the weights are pre-packed for oneDNN, which matters most
+    for the small-M GEMMs of a verify step. The prefill runs once per prompt and stays eager.
     ``aot`` and ``onnxruntime`` run both steps as engines (:mod:`tcompile.runtime.lm_lowering`):
     built from ``example_args`` into a fresh folder, or loaded from ``engine_dir`` (an artifact).
     """
     check_lm_backend(backend)
     if backend == "inductor":
-        runtime.decode_fn = torch.compile(runtime.decode_fn, dynamic=True)
+        from tcompile.lowering.inductor import compile_for_inference
+        on_cpu = all(p.device.type == "cpu" for p in runtime.decode_fn.parameters())
+        runtime.decode_fn = compile_for_inference(runtime.decode_fn, on_cpu=on_cpu, dynamic=True)
         if hasattr(runtime, "verify_fn"):
-            runtime.verify_fn = torch.compile(runtime.verify_fn, dynamic=True)
+            runtime.verify_fn = compile_for_inference(runtime.verify_fn, on_cpu=on_cpu, dynamic=True)
     if backend not in ENGINE_FILES:
         return None
     if hasattr(runtime, "verify_fn"):

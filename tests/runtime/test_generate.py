@@ -161,3 +161,18 @@ def test_inductor_backend_decodes_the_same_tokens(llama, prompts):
     assert torch.equal(compiled.generate(ids, mask, max_new_tokens=10), eager.generate(ids, mask, max_new_tokens=10))
     with pytest.raises(tcompile.BackendUnavailableError, match="inductor"):
         tcompile.optimize(llama, backend="tensorrt")
+
+
+def test_inductor_backend_compiles_the_verify_step_frozen(llama, prompts):
+    """A speculative runtime on inductor compiles its verify step too, with freezing (on a CPU
+    the linear weights are packed for oneDNN, the point of freezing): greedy tokens still equal
+    plain eager greedy, and a loaded artifact compiles the same way."""
+    from torch._dynamo.utils import counters
+
+    ids, mask = prompts
+    want = tcompile.optimize(llama, passes=[]).generate(ids, mask, max_new_tokens=16)
+    counters.clear()
+    spec = tcompile.optimize(llama, passes="speculative{drafter=prompt_lookup,k=4}", backend="inductor")
+    assert torch.equal(spec.generate(ids, mask, max_new_tokens=16), want)
+    assert spec.last_stats.steps < 15            # it did verify several tokens per step
+    assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] > 0
