@@ -1,13 +1,16 @@
 """SmolLM2 speculative decoding: tokens/s of each drafter vs plain greedy and vs transformers.
 
 Usage: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/speculative.py [--rounds 3] [--new 96]
+       [--backend eager|inductor] [--drafters NAME ...] [--tasks copy story] [--warm 40]
 
 Two greedy tasks, 96 new tokens each (EOS ignored by every method):
 (a) input-grounded: a chat prompt asking to copy a pydoc passage (~480 tokens);
 (b) open generation: a short story prompt.
 Methods: tcompile's plain greedy runtime; tcompile speculative with each drafter; transformers'
-``model.generate`` plain and with ``prompt_lookup_num_tokens=10``. Rounds are interleaved (one
-call of each method per task per round); each figure is the median over rounds of tokens/s
+``model.generate`` plain and with ``prompt_lookup_num_tokens=10``. ``--backend`` lowers every
+tcompile runtime (plain greedy included) the same way (``lower_lm``); transformers stays eager.
+Rounds are interleaved (one call of each method per task per round); each figure is the median
+over rounds of tokens/s
 (new tokens / wall time of the whole generate call, prefill included); ratios are of medians in
 this run. token_recycling's adjacency matrix is warmed on other prompts and restored before every
 timed call, so it never holds what it learnt from the timed prompt itself. layer_skip chooses its
@@ -29,25 +32,62 @@ from tcompile.models.needle import perplexity_text
 from tcompile.passes.speculative import SpeculativeOptions
 from tcompile.registry import PassSpec
 from tcompile.runtime import capture_lm
-from tcompile.runtime.lm_optimize import runtime_for
+from tcompile.runtime.lm_optimize import lower_lm, runtime_for
 
 DRAFTERS = {
     "prompt_lookup k=10": SpeculativeOptions(drafter="prompt_lookup", k=10),
     "prompt_lookup k=16": SpeculativeOptions(drafter="prompt_lookup", k=16),
     "prompt_lookup k=10 branches=3": SpeculativeOptions(drafter="prompt_lookup", k=10, branches=3),
+    "token_recycling 4 nodes": SpeculativeOptions(drafter="token_recycling", k=3, tree_nodes=4),
+    "token_recycling 8 nodes": SpeculativeOptions(drafter="token_recycling", k=4, tree_nodes=8),
     "token_recycling 16 nodes": SpeculativeOptions(drafter="token_recycling", k=6, tree_nodes=16),
     "token_recycling 32 nodes": SpeculativeOptions(drafter="token_recycling", k=8, tree_nodes=32),
     "layer_skip": SpeculativeOptions(drafter="layer_skip", k=4, fallback=0.3),
 }
 STORY = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 # Other requests served before the timed ones: token_recycling's matrix persists across requests
-# (the paper's hot start); none of these is a timed prompt.
+# (the paper's hot start: it inherits the matrix of every earlier query of the benchmark). None is
+# a timed prompt, and none is about the sea, lighthouses or bottles (the story task's topic).
 WARM = ["Explain how a hash table works, with an example in Python.",
         "Tell me a story about a dragon who is afraid of the dark.",
         "Write a short story about a girl who builds a robot in her garage.",
         "Describe a walk through a forest in autumn.",
         "Write a story about two friends who get lost in a big city.",
-        "What are the main causes of the French Revolution?"]
+        "What are the main causes of the French Revolution?",
+        "Write a poem about the first snow of winter.",
+        "Tell me about the history of the Roman Empire.",
+        "How do I bake bread at home?",
+        "Write a story about a cat who wants to fly.",
+        "Explain photosynthesis to a child.",
+        "Write a short story about an old man and his dog.",
+        "What is machine learning?",
+        "Describe a busy market in the morning.",
+        "Write a letter to a friend about your holiday in the mountains.",
+        "Tell me a story about a knight and a princess.",
+        "Write a short story about a boy who finds a map in the attic.",
+        "Explain why the sky is blue.",
+        "Write a fairy tale about a talking tree.",
+        "Describe your perfect day.",
+        "Write a story about a detective who solves a mystery in a small village.",
+        "How does a car engine work?",
+        "Write a short story about a robot who learns to paint.",
+        "Give me tips for studying for an exam.",
+        "Tell me a story about a girl who can talk to animals.",
+        "Explain the water cycle.",
+        "Write a story about a family that moves to a new town.",
+        "What are the benefits of regular exercise?",
+        "Write a short story about a wizard who loses his wand.",
+        "Describe a thunderstorm in a city at night.",
+        "Write a story about a baker who makes a magic cake.",
+        "How do airplanes stay in the air?",
+        "Tell me a story about a boy and his grandfather who go camping.",
+        "Write a short story about a musician who plays for the king.",
+        "Explain how vaccines work.",
+        "Write a story about a mouse who lives in a library.",
+        "What should I pack for a trip to Paris?",
+        "Write a short story about a farmer who finds a golden egg.",
+        "Tell me a story about a time traveller who visits the future.",
+        "Write a story about a teacher and her most curious student."]
 
 
 def chat_ids(tok, content: str) -> torch.Tensor:
@@ -73,6 +113,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--drafters", nargs="*", default=list(DRAFTERS))
+    ap.add_argument("--backend", default="eager", choices=["eager", "inductor"])
+    ap.add_argument("--warm", type=int, default=len(WARM), help="other requests token_recycling serves first")
+    ap.add_argument("--tasks", nargs="*", default=["copy", "story"], choices=["copy", "story"])
     ap.add_argument("--out", default="speculative")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -90,17 +133,20 @@ def main() -> None:
         runtimes[name] = runtime_for(program, [PassSpec("speculative", opts)], model)[0]
         if opts.drafter == "layer_skip":
             print(f"layer_skip skips layers {opts.skip}", flush=True)
+    for rt in runtimes.values():
+        lower_lm(rt, args.backend)
     tasks = {"copy (input-grounded)": copy_prompt(tok), "story (open)": chat_ids(tok, STORY)}
+    tasks = {name: ids for name, ids in tasks.items() if name.split()[0] in args.tasks}
     for task, ids in tasks.items():
         print(f"{task}: {ids.shape[1]} prompt tokens", flush=True)
     snapshots = {}
     for name, rt in runtimes.items():   # warm-up (and token_recycling's matrix, on other prompts)
         rt.generate(chat_ids(tok, WARM[0]), max_new_tokens=16, eos_token_id=[])
         if hasattr(rt, "drafter") and hasattr(rt.drafter, "adjacency"):
-            for text in WARM:
+            for text in WARM[:args.warm]:
                 rt.generate(chat_ids(tok, text), max_new_tokens=args.new, eos_token_id=[])
             snapshots[name] = (rt.drafter.adjacency.clone(), rt.drafter.known.clone())
-            print(f"{name}: matrix warmed on {len(WARM)} other requests, {int(rt.drafter.known.sum())} rows known",
+            print(f"{name}: matrix warmed on {args.warm} other requests, {int(rt.drafter.known.sum())} rows known",
                   flush=True)
     model.generation_config.eos_token_id = None   # transformers too generates all the new tokens
 
@@ -109,8 +155,8 @@ def main() -> None:
             return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
                                   do_sample=False, pad_token_id=0, **kw)
 
-    hf(tasks["story (open)"])
-    hf(tasks["story (open)"], prompt_lookup_num_tokens=10)
+    hf(chat_ids(tok, STORY))
+    hf(chat_ids(tok, STORY), prompt_lookup_num_tokens=10)
     times: dict = {t: {} for t in tasks}
     stats: dict = {t: {} for t in tasks}
     outputs: dict = {t: {} for t in tasks}
@@ -155,7 +201,9 @@ def main() -> None:
             print(f"  {name:34s} {row['tokens_per_s']:6.1f} tok/s  x{row['speedup_vs_tcompile_greedy']:.2f} vs greedy"
                   f"  x{row['vs_transformers_prompt_lookup']:.2f} vs HF lookup  same={row['equals_tcompile_greedy']}{extra}")
     command = "OMP_WAIT_POLICY=PASSIVE .venv/bin/python " + " ".join(["bench/speculative.py", *sys.argv[1:]])
-    print(f"written {save(args.out, {'command': command, 'new_tokens': args.new, 'rounds': args.rounds, 'table': table})}")
+    payload = {"command": command, "backend": args.backend, "new_tokens": args.new, "rounds": args.rounds,
+               "warm_requests": args.warm, "table": table}
+    print(f"written {save(args.out, payload)}")
 
 
 if __name__ == "__main__":
