@@ -172,9 +172,11 @@ def main() -> None:
                 times[task].setdefault(name, []).append(args.new / (time.perf_counter() - t0))
                 outputs[task][name] = out[0, ids.shape[1]:].tolist()
                 s = rt.last_stats
+                steps = stats[task].setdefault(name, {}).setdefault("step_ms_rounds", [])
+                steps.append(1e3 * statistics.median(s.decode_s))    # one decode or verify step
                 if hasattr(s, "summary"):
-                    stats[task][name] = {k: s.summary()[k] for k in ("steps", "drafted", "accepted", "acceptance_rate",
-                                                                     "mean_accepted_length")}
+                    stats[task][name].update({k: s.summary()[k] for k in ("steps", "drafted", "accepted",
+                                                                          "acceptance_rate", "mean_accepted_length")})
             for name, kw in (("transformers greedy", {}), ("transformers prompt_lookup=10", {"prompt_lookup_num_tokens": 10})):
                 t0 = time.perf_counter()
                 out = hf(ids, **kw)
@@ -197,7 +199,8 @@ def main() -> None:
                        "text": tok.decode(outputs[task]["tcompile greedy"])}
         print(f"\n{task} ({tasks[task].shape[1]} prompt tokens)")
         for name, row in rows.items():
-            extra = f", mean accepted {row['mean_accepted_length']:.2f}" if "mean_accepted_length" in row else ""
+            extra = f", step {statistics.median(row['step_ms_rounds']):.0f} ms" if "step_ms_rounds" in row else ""
+            extra += f", mean accepted {row['mean_accepted_length']:.2f}" if "mean_accepted_length" in row else ""
             print(f"  {name:34s} {row['tokens_per_s']:6.1f} tok/s  x{row['speedup_vs_tcompile_greedy']:.2f} vs greedy"
                   f"  x{row['vs_transformers_prompt_lookup']:.2f} vs HF lookup  same={row['equals_tcompile_greedy']}{extra}")
     command = "OMP_WAIT_POLICY=PASSIVE .venv/bin/python " + " ".join(["bench/speculative.py", *sys.argv[1:]])

@@ -152,7 +152,7 @@ def budget_tree(nodes: int, top_k: int, depth: int) -> list[tuple[int, ...]]:
 class TokenRecycling(Drafter):
     """Adjacency matrix ``M`` [V, k_top] int32: row v holds the target's top-k next tokens seen
     most recently after v. A draft is the static tree ``paths`` read from M starting at the root
-    token; every verify step writes the top-k of each scored position into M (last write wins),
+    token, less the subtrees under tokens whose row was never written; every verify step writes the top-k of each scored position into M (last write wins),
     and M persists across calls (the paper's hot start). 49,152 × 8 × 4 B = 1.5 MiB."""
 
     name = "token_recycling"
@@ -177,18 +177,23 @@ class TokenRecycling(Drafter):
         pass   # M persists across requests (hot start)
 
     def propose(self, contexts: list[torch.Tensor], k: int) -> list[DraftTree]:
-        roots = torch.tensor([int(c[-1]) for c in contexts], dtype=torch.long)
         out = []
-        for b, root in enumerate(roots.tolist()):
-            if not bool(self.known[root]):
-                out.append(DraftTree([], []))
-                continue
+        for context in contexts:
+            # a node drafted from a token never seen has no successors in M (its row is zeros):
+            # it and its subtree are dropped, so the verify step scores no token it cannot accept
             tokens: list[int] = []
+            parents: list[int] = []
+            placed: dict[int, int] = {}          # template node -> index in the draft
             for node, (parent, rank) in enumerate(zip(self.parents, self.ranks)):
-                src = root if parent < 0 else tokens[parent]
+                if len(self.paths[node]) > k or (parent >= 0 and parent not in placed):
+                    continue
+                src = int(context[-1]) if parent < 0 else tokens[placed[parent]]
+                if not bool(self.known[src]):
+                    continue
+                placed[node] = len(tokens)
                 tokens.append(int(self.adjacency[src, rank]))
-            keep = [i for i, p in enumerate(self.paths) if len(p) <= k]
-            out.append(DraftTree([tokens[i] for i in keep], [self.parents[i] for i in keep]))
+                parents.append(placed[parent] if parent >= 0 else -1)
+            out.append(DraftTree(tokens, parents))
         return out
 
     def observe(self, inputs: torch.Tensor, logits: torch.Tensor, accepted: list[list[int]],

@@ -124,10 +124,17 @@ def test_token_recycling_matrix_rows_hold_the_latest_top_k():
     d.observe(torch.tensor([[2, 7]]), logits, [[0]])
     assert d.adjacency[2].tolist() == logits[0, 0].topk(3).indices.tolist()
     tree = d.propose([torch.tensor([1, 2])], 3)[0]
-    assert tree.size == 6 and tree.tokens[0] == d.adjacency[2, 0]
-    assert all(p < i for i, p in enumerate(tree.parents))
+    assert tree.tokens[:2] == d.adjacency[2, :2].tolist() and all(p < i for i, p in enumerate(tree.parents))
+    # the template (0,) (1,) (0,0) (0,1) (1,0) (0,0,0), read from a hand-made M where rows 2 and 7
+    # are known: the child of 9 (never seen, a zero row) is dropped, not drafted as token 0
+    d.adjacency[2], d.adjacency[7] = torch.tensor([7, 9, 11]), torch.tensor([2, 4, 5])
+    d.known[:] = False
+    d.known[[2, 7]] = True
+    tree = d.propose([torch.tensor([1, 2])], 3)[0]
+    assert (tree.tokens, tree.parents) == ([7, 9, 2, 4, 7], [-1, -1, 0, 0, 2])
+    assert d.propose([torch.tensor([1, 2])], 1)[0].tokens == [7, 9]        # k bounds the depth
     d.observe(torch.tensor([[9, 2]]), torch.randn(1, 2, 50), [[0]], torch.tensor([[True, False]]))
-    assert bool(d.known[9]) and d.adjacency[2].tolist() == logits[0, 0].topk(3).indices.tolist()   # padding ignored
+    assert bool(d.known[9]) and d.adjacency[2].tolist() == [7, 9, 11]   # the padded position wrote nothing
     # Token Recycling's memory for a 49,152-token vocabulary stays under 2 MB
     assert TokenRecycling(49152, 8).nbytes < 2_000_000
 
