@@ -1,7 +1,7 @@
 """SmolLM2 speculative decoding: tokens/s of each drafter vs plain greedy and vs transformers.
 
 Usage: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/speculative.py [--rounds 3] [--new 96]
-       [--backend eager|inductor] [--drafters NAME ...] [--tasks copy story] [--warm 40]
+       [--backend eager|inductor] [--drafters NAME ...] [--tasks copy story] [--warm 80]
 
 Two greedy tasks, 96 new tokens each (EOS ignored by every method):
 (a) input-grounded: a chat prompt asking to copy a pydoc passage (~480 tokens);
@@ -87,7 +87,47 @@ WARM = ["Explain how a hash table works, with an example in Python.",
         "What should I pack for a trip to Paris?",
         "Write a short story about a farmer who finds a golden egg.",
         "Tell me a story about a time traveller who visits the future.",
-        "Write a story about a teacher and her most curious student."]
+        "Write a story about a teacher and her most curious student.",
+        "Explain how the internet works.",
+        "Write a short story about a girl who plants a magic seed.",
+        "What are the planets of the solar system?",
+        "Tell me a story about a bear who cannot sleep in winter.",
+        "How do I make a cup of good coffee?",
+        "Write a story about a clockmaker whose clocks start to run backwards.",
+        "Describe a summer festival in a small town.",
+        "Explain the difference between weather and climate.",
+        "Write a short story about two rival chefs.",
+        "Tell me a story about a fox who tricks a crow.",
+        "What is the history of the bicycle?",
+        "Write a story about an astronaut who finds a garden on the moon.",
+        "Give me advice for my first job interview.",
+        "Write a short story about a painter who can paint the future.",
+        "Explain how bees make honey.",
+        "Tell me a story about a village that has no music.",
+        "Write a story about a girl who wins a chess tournament.",
+        "How do volcanoes form?",
+        "Write a short story about a lost puppy who finds its way home.",
+        "Describe an old castle on a hill.",
+        "Write a story about a boy who can become invisible.",
+        "What makes a good friend?",
+        "Tell me a story about a queen who loves gardening.",
+        "Explain how a computer stores information.",
+        "Write a short story about a train journey through the mountains.",
+        "Write a story about a scientist who discovers a new colour.",
+        "Tell me a story about a owl who teaches the other animals.",
+        "What are some healthy breakfast ideas?",
+        "Write a short story about a street musician in a big city.",
+        "Explain what gravity is.",
+        "Write a story about a giant who is very shy.",
+        "Describe a library at midnight.",
+        "Tell me a story about a girl who collects stars in a jar.",
+        "How do trees grow?",
+        "Write a short story about a postman who delivers letters to ghosts.",
+        "Write a story about a town where it always rains.",
+        "Explain how a rainbow forms.",
+        "Tell me a story about a king who forgets his name.",
+        "Write a short story about a snowman who wants to see summer.",
+        "Write a story about a grandmother who tells the best stories."]
 
 
 def chat_ids(tok, content: str) -> torch.Tensor:
