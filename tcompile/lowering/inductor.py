@@ -71,7 +71,7 @@ class InferenceCompiled:
     (the first, and any recompile), so the settings must be in force there, not at wrap time."""
 
     def __init__(self, fn: Any, config: dict[str, Any], **compile_kwargs: Any) -> None:
-        self.fn, self.config = fn, config
+        self.config = config
         self.compiled = torch.compile(fn, backend="inductor", **compile_kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

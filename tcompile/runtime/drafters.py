@@ -152,8 +152,9 @@ def budget_tree(nodes: int, top_k: int, depth: int) -> list[tuple[int, ...]]:
 class TokenRecycling(Drafter):
     """Adjacency matrix ``M`` [V, k_top] int32: row v holds the target's top-k next tokens seen
     most recently after v. A draft is the static tree ``paths`` read from M starting at the root
-    token, less the subtrees under tokens whose row was never written; every verify step writes the top-k of each scored position into M (last write wins),
-    and M persists across calls (the paper's hot start). 49,152 × 8 × 4 B = 1.5 MiB."""
+    token, less the subtrees under tokens whose row was never written; every verify step writes
+    the top-k of each scored position into M (last write wins), and M persists across calls (the
+    paper's hot start). 49,152 × 8 × 4 B = 1.5 MiB."""
 
     name = "token_recycling"
     tree = True
@@ -181,13 +182,14 @@ class TokenRecycling(Drafter):
         for context in contexts:
             # a node drafted from a token never seen has no successors in M (its row is zeros):
             # it and its subtree are dropped, so the verify step scores no token it cannot accept
+            root = int(context[-1])
             tokens: list[int] = []
             parents: list[int] = []
             placed: dict[int, int] = {}          # template node -> index in the draft
             for node, (parent, rank) in enumerate(zip(self.parents, self.ranks)):
                 if len(self.paths[node]) > k or (parent >= 0 and parent not in placed):
                     continue
-                src = int(context[-1]) if parent < 0 else tokens[placed[parent]]
+                src = root if parent < 0 else tokens[placed[parent]]
                 if not bool(self.known[src]):
                     continue
                 placed[node] = len(tokens)

@@ -166,7 +166,7 @@ def test_inductor_backend_decodes_the_same_tokens(llama, prompts):
 def test_inductor_backend_compiles_the_verify_step_frozen(llama, prompts):
     """A speculative runtime on inductor compiles its verify step too, with freezing (on a CPU
     the linear weights are packed for oneDNN, the point of freezing): greedy tokens still equal
-    plain eager greedy, and a loaded artifact compiles the same way."""
+    plain eager greedy."""
     from torch._dynamo.utils import counters
 
     ids, mask = prompts
