@@ -10,11 +10,10 @@ Methods: tcompile's plain greedy runtime; tcompile speculative with each drafter
 ``model.generate`` plain and with ``prompt_lookup_num_tokens=10``. ``--backend`` lowers every
 tcompile runtime (plain greedy included) the same way (``lower_lm``); transformers stays eager.
 Rounds are interleaved (one call of each method per task per round); each figure is the median
-over rounds of tokens/s
-(new tokens / wall time of the whole generate call, prefill included); ratios are of medians in
-this run. token_recycling's adjacency matrix is warmed on other prompts and restored before every
-timed call, so it never holds what it learnt from the timed prompt itself. layer_skip chooses its
-skipped layers on held-out pydoc text. Every speculative output is checked token for token
+over rounds of tokens/s (new tokens / wall time of the whole generate call, prefill included);
+ratios are of medians in this run. token_recycling's adjacency matrix is warmed on ``--warm``
+other requests and restored before every timed call, so it never holds what it learnt from the
+timed prompt itself. layer_skip chooses its skipped layers on held-out pydoc text. Every speculative output is checked token for token
 against tcompile's plain greedy output.
 """
 from __future__ import annotations
@@ -38,7 +37,6 @@ DRAFTERS = {
     "prompt_lookup k=10": SpeculativeOptions(drafter="prompt_lookup", k=10),
     "prompt_lookup k=16": SpeculativeOptions(drafter="prompt_lookup", k=16),
     "prompt_lookup k=10 branches=3": SpeculativeOptions(drafter="prompt_lookup", k=10, branches=3),
-    "token_recycling 4 nodes": SpeculativeOptions(drafter="token_recycling", k=3, tree_nodes=4),
     "token_recycling 8 nodes": SpeculativeOptions(drafter="token_recycling", k=4, tree_nodes=8),
     "token_recycling 16 nodes": SpeculativeOptions(drafter="token_recycling", k=6, tree_nodes=16),
     "token_recycling 32 nodes": SpeculativeOptions(drafter="token_recycling", k=8, tree_nodes=32),
@@ -212,8 +210,8 @@ def main() -> None:
                 times[task].setdefault(name, []).append(args.new / (time.perf_counter() - t0))
                 outputs[task][name] = out[0, ids.shape[1]:].tolist()
                 s = rt.last_stats
-                steps = stats[task].setdefault(name, {}).setdefault("step_ms_rounds", [])
-                steps.append(1e3 * statistics.median(s.decode_s))    # one decode or verify step
+                step_ms = stats[task].setdefault(name, {}).setdefault("step_ms_rounds", [])
+                step_ms.append(1e3 * statistics.median(s.decode_s))    # one decode or verify step
                 if hasattr(s, "summary"):
                     stats[task][name].update({k: s.summary()[k] for k in ("steps", "drafted", "accepted",
                                                                           "acceptance_rate", "mean_accepted_length")})
