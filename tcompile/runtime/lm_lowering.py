@@ -98,8 +98,15 @@ def _export_onnx(program: Any, path: Path) -> None:
     onnx_program.save(str(path))
 
 
-def attach_engines(runtime: Any, backend: str, directory: Path, io_binding: bool = True) -> None:
-    """Point ``runtime``'s step functions at the engines in ``directory`` (written by :func:`build_engines`)."""
+def attach_engines(runtime: Any, backend: str, directory: Path, io_binding: bool | None = None) -> None:
+    """Point ``runtime``'s step functions at the engines in ``directory`` (written by :func:`build_engines`).
+
+    ``io_binding`` (ONNX Runtime): run the decode step through IO binding, the cache outputs
+    written into preallocated buffers. None (the default) binds only where the session runs on
+    an accelerator: on a CPU, binding SmolLM2's 60 cache tensors per step cost more than it saved
+    (its decode ran 2.75x eager's tokens/s unbound against 2.41x bound on the AVX-512 build machine,
+    2.13x against 2.06x and 1.87x against 1.85x on the AVX2 one: ``bench/lowering_speed.py --part
+    lm``, bench/RESULTS.md §8)."""
     prefill_file, decode_file = ENGINE_FILES[backend]
     if backend == "aot":
         from tcompile.lowering.aot import AotModule
@@ -109,7 +116,12 @@ def attach_engines(runtime: Any, backend: str, directory: Path, io_binding: bool
     n_kv = 2 * runtime.spec.num_layers
     runtime.prefill_fn = OrtStep(directory / prefill_file)
     # decode inputs (ids, positions, valid, slot, K0, V0, ...) -> (logits, K0', V0', ..., scores...)
-    runtime.decode_fn = OrtStep(directory / decode_file, alias={1 + i: 4 + i for i in range(n_kv)} if io_binding else None)
+    decode = OrtStep(directory / decode_file)
+    if io_binding is None:
+        io_binding = decode.session.get_providers()[0] != "CPUExecutionProvider"
+    if io_binding:
+        decode.alias = {1 + i: 4 + i for i in range(n_kv)}
+    runtime.decode_fn = decode
 
 
 class OrtStep:

@@ -64,6 +64,22 @@ def test_no_pass_decode_with_growing_cache(llama, prompts, backend) -> None:
     assert torch.equal(got, want)
 
 
+def test_onnxruntime_io_binding_decodes_the_same_tokens(llama, eager, prompts) -> None:
+    """On a CPU the decode step runs unbound by default (binding the cache costs more than it
+    saves there); the IO-binding path, the default on an accelerator, gives the same tokens when
+    forced, alternating its two output buffers per cache tensor across steps."""
+    pytest.importorskip("onnxruntime")
+    from tcompile.runtime.lm_lowering import attach_engines
+    ids, mask = prompts
+    opt = tcompile.optimize(llama, passes=PIPE, backend="onnxruntime")
+    assert opt.runtime.decode_fn.alias is None
+    attach_engines(opt.runtime, "onnxruntime", opt.engines[0], io_binding=True)
+    assert opt.runtime.decode_fn.alias
+    got = opt.generate(ids, mask, max_new_tokens=12)
+    assert torch.equal(got, eager.generate(ids, mask, max_new_tokens=12))
+    assert len(opt.runtime.decode_fn._buffers) == len(opt.runtime.decode_fn.alias)
+
+
 def test_tensorrt_is_refused_for_lms(llama) -> None:
     with pytest.raises(BackendUnavailableError, match="not available for causal LMs"):
         tcompile.optimize(llama, passes=[], backend="tensorrt")
