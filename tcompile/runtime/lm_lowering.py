@@ -103,10 +103,10 @@ def attach_engines(runtime: Any, backend: str, directory: Path, io_binding: bool
 
     ``io_binding`` (ONNX Runtime): run the decode step through IO binding, the cache outputs
     written into preallocated buffers. None (the default) binds only where the session runs on
-    an accelerator: on a CPU, binding SmolLM2's 60 cache tensors per step cost more than it saved
-    (its decode ran 2.75x eager's tokens/s unbound against 2.41x bound on the AVX-512 build machine,
-    2.13x against 2.06x and 1.87x against 1.85x on the AVX2 one: ``bench/lowering_speed.py --part
-    lm``, bench/RESULTS.md §8)."""
+    an accelerator: on a CPU, binding SmolLM2's 60 cache tensors per step did not pay consistently
+    (its decode ran 2.75x eager's tokens/s unbound against 2.41x bound, then 2.12x against 2.15x,
+    on the AVX-512 build machine; 2.13x against 2.06x and 1.87x against 1.85x on the AVX2 one:
+    ``bench/lowering_speed.py --part lm``, bench/RESULTS.md §8), so the plain call is the default."""
     prefill_file, decode_file = ENGINE_FILES[backend]
     if backend == "aot":
         from tcompile.lowering.aot import AotModule
