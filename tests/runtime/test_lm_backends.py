@@ -65,9 +65,9 @@ def test_no_pass_decode_with_growing_cache(llama, prompts, backend) -> None:
 
 
 def test_onnxruntime_io_binding_decodes_the_same_tokens(llama, eager, prompts) -> None:
-    """On a CPU the decode step runs unbound by default (binding the cache costs more than it
-    saves there); the IO-binding path, the default on an accelerator, gives the same tokens when
-    forced, alternating its two output buffers per cache tensor across steps."""
+    """On a CPU the decode step runs unbound by default (binding the cache did not pay
+    consistently there); the IO-binding path, the default on an accelerator, gives the same
+    tokens when forced, alternating its two output buffers per cache tensor across steps."""
     pytest.importorskip("onnxruntime")
     from tcompile.runtime.lm_lowering import attach_engines
     ids, mask = prompts
