@@ -13,8 +13,8 @@ Rounds are interleaved (one call of each method per task per round); each figure
 over rounds of tokens/s (new tokens / wall time of the whole generate call, prefill included);
 ratios are of medians in this run. token_recycling's adjacency matrix is warmed on ``--warm``
 other requests and restored before every timed call, so it never holds what it learnt from the
-timed prompt itself. layer_skip chooses its skipped layers on held-out pydoc text. Every speculative output is checked token for token
-against tcompile's plain greedy output.
+timed prompt itself. layer_skip chooses its skipped layers on held-out pydoc text. Every
+speculative output is checked token for token against tcompile's plain greedy output.
 """
 from __future__ import annotations
 

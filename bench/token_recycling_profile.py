@@ -11,9 +11,9 @@ was never written). From that rank sequence it counts, for each rank path (c1, .
 of positions where the next d tokens have exactly those ranks: a draft tree holding a path
 accepts its node there. Expected tokens per verify step = 1 + the sum of those shares over the
 tree's paths. The table compares the default tree (``budget_tree``, an assumed rank profile) with
-the tree of the same size fitted to the measured warm-up profile (Sequoia-style: the ``nodes``
-paths of highest measured share), on the warm-up requests and on the story. Exactness and speed
-are bench/speculative.py's job; this measures acceptance only.
+the tree of the same size fitted to the measured warm-up profile (Sequoia-style: ``budget_tree``
+scoring paths by their measured share), on the warm-up requests and on the story. Exactness and
+speed are bench/speculative.py's job; this measures acceptance only.
 """
 from __future__ import annotations
 
@@ -71,17 +71,6 @@ def path_shares(requests: list[list], depth: int) -> dict[tuple[int, ...], float
     return {p: c / max(positions, 1) for p, c in counts.items()}
 
 
-def fitted_tree(shares: dict[tuple[int, ...], float], nodes: int, depth: int) -> list[tuple[int, ...]]:
-    """The ``nodes`` rank paths of highest share whose prefixes are all chosen (a tree)."""
-    chosen: list[tuple[int, ...]] = []
-    for path in sorted((p for p in shares if len(p) <= depth), key=lambda p: (-shares[p], len(p), p)):
-        if all(path[:i] in chosen for i in range(1, len(path))):
-            chosen.append(path)
-        if len(chosen) == nodes:
-            break
-    return chosen
-
-
 def expected_tokens(shares: dict[tuple[int, ...], float], tree: list[tuple[int, ...]]) -> float:
     """Tokens emitted per verify step with ``tree``: the bonus token plus each node's share."""
     return 1.0 + sum(shares.get(p, 0.0) for p in tree)
@@ -125,7 +114,8 @@ def main() -> None:
     rows = []
     print(f"\n{'nodes':>5}  {'default tree: warm':>18}  {'story':>6}  {'fitted on warm: warm':>20}  {'story':>6}")
     for nodes in args.nodes:
-        default, fitted = budget_tree(nodes, top_k, args.depth), fitted_tree(warm, nodes, args.depth)
+        default = budget_tree(nodes, top_k, args.depth)
+        fitted = budget_tree(nodes, top_k, args.depth, chance=lambda p: warm.get(p, 0.0))
         row = {"nodes": nodes, "default_warm": expected_tokens(warm, default),
                "default_story": expected_tokens(story, default), "fitted_warm": expected_tokens(warm, fitted),
                "fitted_story": expected_tokens(story, fitted), "fitted_tree": fitted}

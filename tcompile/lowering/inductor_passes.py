@@ -5,9 +5,9 @@ epilogue computes the exact (erf) GELU. On the 2-core AVX2 build machine that ep
 than the GEMM without it followed by a separate vectorised GELU: the 12 fc1 GEMMs of ViT-B/16 with
 ``token_merging{r=16}`` at batch 8 took 511 ms fused against 428 ms unfused (``/tmp`` one-off,
 2026-11-29; the whole model ran 1.14x eager against 1.07x with the fusion, in one /tmp run).
-Inductor has no switch for this fusion, so the pass rewrites the decomposed GELU ``0.5*y*(1 + erf(y/sqrt(2)))`` as
-``y*(0.5*erf(y/sqrt(2)) + 0.5)``: the same function (the results agree to float rounding) in a
-form oneDNN's fusion pattern does not match. It runs before Inductor's post-grad patterns
+Inductor has no switch for this fusion, so the pass rewrites the decomposed GELU
+``0.5*y*(1 + erf(y/sqrt(2)))`` as ``y*(0.5*erf(y/sqrt(2)) + 0.5)``: the same function (the results
+agree to float rounding) in a form oneDNN's fusion pattern does not match. It runs before Inductor's post-grad patterns
 (``post_grad_custom_pre_pass``).
 """
 from __future__ import annotations

@@ -16,6 +16,7 @@ Model drafters (``draft_model``, ``layer_skip``) live in ``model_drafters.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -128,17 +129,22 @@ def trie(chains: list[list[int]]) -> DraftTree:
     return DraftTree([nodes[i][2] for i in order], [new[nodes[i][1]] if nodes[i][1] >= 0 else -1 for i in order])
 
 
-def budget_tree(nodes: int, top_k: int, depth: int) -> list[tuple[int, ...]]:
+def assumed_chance(path: tuple[int, ...]) -> float:
+    """The default rank profile: a rank-r successor is right with probability ∝ 0.6 / (r + 1)^1.5,
+    a path's chance is the product."""
+    out = 1.0
+    for r in path:
+        out *= 0.6 / (r + 1) ** 1.5
+    return out
+
+
+def budget_tree(nodes: int, top_k: int, depth: int,
+                chance: Callable[[tuple[int, ...]], float] = assumed_chance) -> list[tuple[int, ...]]:
     """Token Recycling's static draft tree, sized for a budget: the ``nodes`` paths of ranks
-    (c1, ..., cd), d ≤ depth, c < top_k, most likely to be accepted under a fixed rank profile
-    (a rank-r successor is right with probability ∝ 0.6 / (r + 1)^1.5; a path's chance is the
-    product). The paper's "2.2.2" template has 80 nodes over 6 levels, sized for a GPU; a CPU pays
-    for every node it verifies. Every prefix of a chosen path scores higher, so the set is a tree."""
-    def chance(path: tuple[int, ...]) -> float:
-        out = 1.0
-        for r in path:
-            out *= 0.6 / (r + 1) ** 1.5
-        return out
+    (c1, ..., cd), d ≤ depth, c < top_k, most likely to be accepted under a rank profile
+    (``chance``: the assumed one, or measured shares as bench/token_recycling_profile.py fits).
+    The paper's "2.2.2" template has 80 nodes over 6 levels, sized for a GPU; a CPU pays for every
+    node it verifies. Grown from the roots by the best frontier path, so the set is a tree."""
     frontier, chosen = [(r,) for r in range(top_k)], []
     while frontier and len(chosen) < nodes:
         best = max(frontier, key=chance)
