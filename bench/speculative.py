@@ -1,7 +1,7 @@
 """SmolLM2 speculative decoding: tokens/s of each drafter vs plain greedy and vs transformers.
 
 Usage: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/speculative.py [--rounds 3] [--new 96]
-       [--backend eager|inductor] [--drafters NAME ...] [--tasks copy story] [--warm 80]
+       [--backend eager|inductor|onnxruntime|aot] [--drafters NAME ...] [--tasks copy story] [--warm 80]
 
 Two greedy tasks, 96 new tokens each (EOS ignored by every method):
 (a) input-grounded: a chat prompt asking to copy a pydoc passage (~480 tokens);
@@ -9,6 +9,9 @@ Two greedy tasks, 96 new tokens each (EOS ignored by every method):
 Methods: tcompile's plain greedy runtime; tcompile speculative with each drafter; transformers'
 ``model.generate`` plain and with ``prompt_lookup_num_tokens=10``. ``--backend`` lowers every
 tcompile runtime (plain greedy included) the same way (``lower_lm``); transformers stays eager.
+With an engine backend (onnxruntime, aot) the engines are built once, from the first speculative
+runtime (prefill, decode, verify), and every other runtime runs the same engine files: no runtime
+here has a pass that changes those graphs, only its drafter differs.
 Rounds are interleaved (one call of each method per task per round); each figure is the median
 over rounds of tokens/s (new tokens / wall time of the whole generate call, prefill included);
 ratios are of medians in this run. token_recycling's adjacency matrix is warmed on ``--warm``
@@ -31,6 +34,7 @@ from tcompile.models.needle import perplexity_text
 from tcompile.passes.speculative import SpeculativeOptions
 from tcompile.registry import PassSpec
 from tcompile.runtime import capture_lm
+from tcompile.runtime.lm_lowering import ENGINE_FILES, attach_engines
 from tcompile.runtime.lm_optimize import lower_lm, runtime_for
 
 DRAFTERS = {
@@ -151,7 +155,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--drafters", nargs="*", default=list(DRAFTERS))
-    ap.add_argument("--backend", default="eager", choices=["eager", "inductor"])
+    ap.add_argument("--backend", default="eager", choices=["eager", "inductor", "onnxruntime", "aot"])
     ap.add_argument("--warm", type=int, default=len(WARM), help="other requests token_recycling serves first")
     ap.add_argument("--tasks", nargs="*", default=["copy", "story"], choices=["copy", "story"])
     ap.add_argument("--out", default="speculative")
@@ -171,8 +175,14 @@ def main() -> None:
         runtimes[name] = runtime_for(program, [PassSpec("speculative", opts)], model)[0]
         if opts.drafter == "layer_skip":
             print(f"layer_skip skips layers {opts.skip}", flush=True)
-    for rt in runtimes.values():
-        lower_lm(rt, args.backend)
+    engines = None
+    for rt in sorted(runtimes.values(), key=lambda r: not hasattr(r, "verify_fn")):   # a speculative one first
+        if args.backend in ENGINE_FILES and engines is not None:
+            attach_engines(rt, args.backend, engines[0])
+            continue
+        t0 = time.time()
+        engines = lower_lm(rt, args.backend, (program.prefill.example_args, program.decode.example_args))
+        print(f"lowered to {args.backend} in {time.time() - t0:.0f}s", flush=True)
     tasks = {"copy (input-grounded)": copy_prompt(tok), "story (open)": chat_ids(tok, STORY)}
     tasks = {name: ids for name, ids in tasks.items() if name.split()[0] in args.tasks}
     for task, ids in tasks.items():

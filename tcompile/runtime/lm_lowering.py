@@ -1,18 +1,22 @@
-"""Causal-LM engines: the prefill and decode steps lowered to AOTInductor packages or ONNX Runtime.
+"""Causal-LM engines: the prefill, decode and verify steps lowered to AOTInductor packages or ONNX Runtime.
 
-The generation runtime (:class:`LMRuntime`) stays in Python and calls two step functions; this
-module swaps them for engines built from the same (rewritten) programs the artifact stores:
+The generation runtime (:class:`LMRuntime`) stays in Python and calls two step functions (three
+with speculative decoding: the verify step); this module swaps them for engines built from the
+same (rewritten) programs the artifact stores:
 
 * ``aot``: each step AOT-compiled into a ``.pt2`` package with its dynamic batch, prompt
   length and cache slots symbolic, so one package serves every prompt and cache size.
 * ``onnxruntime``: each step exported to ONNX (``torch.onnx.export(dynamo=True)``) with the
-  same dynamic dims and run in an ``InferenceSession``. The decode step is bound with ORT's
-  IO binding: inputs are handed over by pointer, and each KV output is written straight into a
-  preallocated buffer of its input's shape (two buffers per entry, used in turn), so a step
-  neither allocates nor copies the cache; the runtime keeps the buffers it gets back.
+  same dynamic dims and run in an ``InferenceSession``. On an accelerator the decode and verify
+  steps are bound with ORT's IO binding: inputs are handed over by pointer, and each KV output
+  is written straight into a preallocated buffer of its input's shape (two buffers per entry,
+  used in turn), so a step neither allocates nor copies the cache; the runtime keeps the buffers
+  it gets back. On a CPU they run unbound (see :func:`attach_engines`).
 
-The decode step is the functional one (its cache write is a scatter returning a new tensor):
-engines cannot write their inputs in place, so each step writes the next buffer instead.
+The decode and verify steps are the functional ones (their cache write is a scatter returning a
+new tensor): engines cannot write their inputs in place, so each step writes the next buffer
+instead. The verify engine has the draft length T dynamic too, so one engine serves every k and
+every draft tree, as the verify graph does under ``eager`` and ``inductor``.
 """
 from __future__ import annotations
 
@@ -23,19 +27,21 @@ from typing import Any
 import torch
 
 from tcompile import _compat
-from tcompile.errors import BackendUnavailableError, CaptureError
+from tcompile.errors import ArtifactError, BackendUnavailableError, CaptureError
 from tcompile.lowering.capability import assess
 from tcompile.runtime.lm_capture import decode_dynamic_shapes, prefill_dynamic_shapes
 
 logger = logging.getLogger(__name__)
 
 ENGINE_FILES = {"aot": ("lm_prefill.pt2", "lm_decode.pt2"), "onnxruntime": ("lm_prefill.onnx", "lm_decode.onnx")}
+VERIFY_FILES = {"aot": "lm_verify.pt2", "onnxruntime": "lm_verify.onnx"}   # speculative runtimes only
 # numpy dtypes ORT's IO binding takes for torch dtypes
 _NP = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32",
        torch.bool: "bool", torch.float64: "float64"}
 
 
 ENGINE_BATCH = 3
+ENGINE_DRAFT = 5    # draft tokens in the verify engine's example (unequal to the batch and the tiny models' dims)
 
 
 def _rebatch(args: tuple, batch: int) -> tuple:
@@ -53,16 +59,32 @@ def _rebatch(args: tuple, batch: int) -> tuple:
                                    for t in leaves], spec)
 
 
-def _programs(runtime: Any, prefill_args: tuple, decode_args: tuple) -> tuple[Any, Any]:
+def engine_files(runtime: Any, backend: str) -> list[str]:
+    """The engine files ``backend`` has for ``runtime``: prefill, decode and, for a speculative
+    runtime, verify."""
+    names = list(ENGINE_FILES[backend])
+    if hasattr(runtime, "verify_fn"):
+        names.append(VERIFY_FILES[backend])
+    return names
+
+
+def _programs(runtime: Any, prefill_args: tuple, decode_args: tuple) -> dict[str, Any]:
+    """Stage name -> the step re-exported with its dynamic dims, from examples of ``ENGINE_BATCH`` rows."""
     from tcompile.runtime.lm_artifact import _reexport
+    from tcompile.runtime.verify import verify_dynamic_shapes, verify_example_args
     n_kv = 2 * runtime.spec.num_layers
     prefill_args, decode_args = _rebatch(prefill_args, ENGINE_BATCH), _rebatch(decode_args, ENGINE_BATCH)
-    return (_reexport(runtime.prefill_graph, prefill_args, prefill_dynamic_shapes(), "prefill"),
-            _reexport(runtime.decode_graph, decode_args, decode_dynamic_shapes(n_kv), "decode"))
+    programs = {"prefill": _reexport(runtime.prefill_graph, prefill_args, prefill_dynamic_shapes(), "prefill"),
+                "decode": _reexport(runtime.decode_graph, decode_args, decode_dynamic_shapes(n_kv), "decode")}
+    if hasattr(runtime, "verify_fn"):
+        device = decode_args[0].device
+        verify_args = verify_example_args(runtime.spec, device, batch=ENGINE_BATCH, tokens=ENGINE_DRAFT)
+        programs["verify"] = _reexport(runtime.verify_step_graph, verify_args, verify_dynamic_shapes(n_kv), "verify")
+    return programs
 
 
-def _refuse_unsupported(backend: str, programs: tuple[Any, Any]) -> None:
-    for stage, program in zip(("prefill", "decode"), programs):
+def _refuse_unsupported(backend: str, programs: dict[str, Any]) -> None:
+    for stage, program in programs.items():
         bad = assess(backend, program.graph_module).unsupported
         if bad:
             raise BackendUnavailableError(
@@ -71,19 +93,19 @@ def _refuse_unsupported(backend: str, programs: tuple[Any, Any]) -> None:
 
 
 def build_engines(runtime: Any, backend: str, prefill_args: tuple, decode_args: tuple, workdir: Path) -> list[str]:
-    """Write the two step engines of ``backend`` into ``workdir``; returns their file names."""
+    """Write the step engines of ``backend`` into ``workdir`` (:func:`engine_files`); returns their file names."""
     programs = _programs(runtime, prefill_args, decode_args)
     _refuse_unsupported(backend, programs)
-    names = ENGINE_FILES[backend]
+    names = engine_files(runtime, backend)
     workdir.mkdir(parents=True, exist_ok=True)
-    for program, name in zip(programs, names):
+    for program, name in zip(programs.values(), names):
         logger.info("%s: building %s", backend, name)
         if backend == "aot":
             from tcompile.lowering.aot import compile_package
             compile_package(program, workdir / name)
         else:
             _export_onnx(program, workdir / name)
-    return list(names)
+    return names
 
 
 def _export_onnx(program: Any, path: Path) -> None:
@@ -101,27 +123,36 @@ def _export_onnx(program: Any, path: Path) -> None:
 def attach_engines(runtime: Any, backend: str, directory: Path, io_binding: bool | None = None) -> None:
     """Point ``runtime``'s step functions at the engines in ``directory`` (written by :func:`build_engines`).
 
-    ``io_binding`` (ONNX Runtime): run the decode step through IO binding, the cache outputs
-    written into preallocated buffers. None (the default) binds only where the session runs on
+    A speculative runtime's verify step is pointed at its engine too; a missing engine file is
+    an :class:`ArtifactError` naming it.
+
+    ``io_binding`` (ONNX Runtime): run the decode and verify steps through IO binding, the cache
+    outputs written into preallocated buffers. None (the default) binds only where the session runs on
     an accelerator: on a CPU, binding SmolLM2's 60 cache tensors per step did not pay consistently
     (its decode ran 2.75x eager's tokens/s unbound against 2.41x bound, then 2.12x against 2.15x,
     on the AVX-512 build machine; 2.13x against 2.06x and 1.87x against 1.85x on the AVX2 one:
     ``bench/lowering_speed.py --part lm``, bench/RESULTS.md §8), so the plain call is the default."""
-    prefill_file, decode_file = ENGINE_FILES[backend]
+    names = engine_files(runtime, backend)
+    missing = [name for name in names if not (directory / name).exists()]
+    if missing:
+        raise ArtifactError(f"{directory} lacks the {backend} engine file(s) {missing} this runtime needs; "
+                            "re-export the artifact (or rebuild the engines with lower_lm)")
+    steps = ["prefill_fn", "decode_fn", "verify_fn"][:len(names)]
     if backend == "aot":
         from tcompile.lowering.aot import AotModule
-        runtime.prefill_fn = AotModule(directory / prefill_file)
-        runtime.decode_fn = AotModule(directory / decode_file)
+        for step, name in zip(steps, names):
+            setattr(runtime, step, AotModule(directory / name))
         return
     n_kv = 2 * runtime.spec.num_layers
-    runtime.prefill_fn = OrtStep(directory / prefill_file)
-    # decode inputs (ids, positions, valid, slot, K0, V0, ...) -> (logits, K0', V0', ..., scores...)
-    decode = OrtStep(directory / decode_file)
-    if io_binding is None:
-        io_binding = decode.session.get_providers()[0] != "CPUExecutionProvider"
-    if io_binding:
-        decode.alias = {1 + i: 4 + i for i in range(n_kv)}
-    runtime.decode_fn = decode
+    for step, name in zip(steps, names):
+        engine = OrtStep(directory / name)
+        if io_binding is None:
+            io_binding = engine.session.get_providers()[0] != "CPUExecutionProvider"
+        if io_binding and step != "prefill_fn":
+            # decode (ids, positions, valid, slot, K0, V0, ...) and verify (ids, positions, attend, slot,
+            # K0, V0, ...) -> (logits, K0', V0', ..., scores...): output 1 + i is written over input 4 + i
+            engine.alias = {1 + i: 4 + i for i in range(n_kv)}
+        setattr(runtime, step, engine)
 
 
 class OrtStep:

@@ -30,7 +30,7 @@ from tcompile.report.op_profile import profile_ops
 from tcompile.report.report import CandidateRecord
 from tcompile.runtime.generate import LMRuntime, PromptFilter
 from tcompile.runtime.lm_capture import LMProgram, capture_lm, inplace_cache_writes
-from tcompile.runtime.lm_lowering import ENGINE_FILES, attach_engines, build_engines
+from tcompile.runtime.lm_lowering import ENGINE_FILES, attach_engines, build_engines, engine_files
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,8 @@ def lower_lm(runtime: LMRuntime, backend: str, example_args: tuple[tuple, tuple]
     call, serves every cache size, batch and draft length; the ~2,000 small ops of a step fuse
     into a few kernels and on a CPU the weights are pre-packed for oneDNN, which matters most
     for the small-M GEMMs of a verify step. The prefill runs once per prompt and stays eager.
-    ``aot`` and ``onnxruntime`` run both steps as engines (:mod:`tcompile.runtime.lm_lowering`):
+    ``aot`` and ``onnxruntime`` run every step as an engine (prefill, decode, and verify for the
+    speculative pass; :mod:`tcompile.runtime.lm_lowering`):
     built from ``example_args`` into a fresh folder, or loaded from ``engine_dir`` (an artifact).
     """
     check_lm_backend(backend)
@@ -153,9 +154,6 @@ def lower_lm(runtime: LMRuntime, backend: str, example_args: tuple[tuple, tuple]
             runtime.verify_fn = compile_for_inference(runtime.verify_fn, on_cpu=on_cpu, dynamic=True)
     if backend not in ENGINE_FILES:
         return None
-    if hasattr(runtime, "verify_fn"):
-        raise BackendUnavailableError(f"backend {backend!r} has no engine for the speculative verify step yet; use "
-                                      "backend='eager' or 'inductor' with the speculative pass")
     if engine_dir is None:
         if example_args is None:
             raise TCompileError(f"backend {backend!r} needs the example step inputs (or an artifact) to build engines")
@@ -163,7 +161,7 @@ def lower_lm(runtime: LMRuntime, backend: str, example_args: tuple[tuple, tuple]
         weakref.finalize(runtime, shutil.rmtree, engine_dir, True)   # engine files live as long as the runtime
         names = build_engines(runtime, backend, *example_args, engine_dir)
     else:
-        names = list(ENGINE_FILES[backend])
+        names = engine_files(runtime, backend)
     attach_engines(runtime, backend, Path(engine_dir))
     return Path(engine_dir), names
 

@@ -52,7 +52,9 @@ def build_speculative(spec: LMSpec, verify: torch.fx.GraphModule | None, options
                       model: torch.nn.Module | None, **runtime_kwargs: Any) -> SpeculativeRuntime:
     """The ``SpeculativeRuntime`` around the functional ``verify`` graph (``capture_lm(...,
     verify=True)``'s, or an artifact's). The graph and options are kept on the runtime
-    (``verify_graph``, ``speculative_options``) so it can be exported again."""
+    (``verify_graph``, ``speculative_options``) so it can be exported again, and so is the
+    functional step the runtime calls (``verify_step_graph``: the verify graph plus the eviction
+    policy's score outputs), which the ``aot`` and ``onnxruntime`` engines are built from."""
     if verify is None:
         raise PassOptionError("the speculative pass needs the verify graph: capture with capture_lm(model, "
                               "verify=True) (tcompile.optimize does this when the pipeline names speculative)")
@@ -65,5 +67,5 @@ def build_speculative(spec: LMSpec, verify: torch.fx.GraphModule | None, options
     runtime = SpeculativeRuntime(prefill, decode, spec, inplace_cache_writes(step), drafter, options.k,
                                  options.acceptance, options.delta, embedding_neighbours(verify, options.neighbours),
                                  **runtime_kwargs)
-    runtime.verify_graph, runtime.speculative_options = verify, options
+    runtime.verify_graph, runtime.verify_step_graph, runtime.speculative_options = verify, step, options
     return runtime

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from tcompile.inputs import batch_dim
-from tcompile.runtime.lm_capture import (_additive, _cache_kwarg, _export, _flat_cache, cache_slots_dim, lm_spec,
-                                         slot_cache)
+from tcompile.runtime.lm_capture import (LMSpec, _additive, _cache_kwarg, _export, _flat_cache, cache_slots_dim,
+                                         lm_spec, slot_cache)
 
 MAX_DRAFT = 256   # the largest T the verify graph is exported for
 
@@ -50,26 +50,35 @@ def verify_dynamic_shapes(n_kv: int) -> tuple:
             {0: batch, 3: tokens}, tuple({0: batch, 2: slots} for _ in range(n_kv)))
 
 
+def verify_example_args(spec: LMSpec, device: torch.device | str = "cpu", batch: int = 2, cached: int = 6,
+                        tokens: int = 3) -> tuple:
+    """Example inputs of the verify step: ``batch`` rows (row 1 left padded by two entries),
+    ``cached`` entries in the cache and a causal draft of ``tokens`` written after them.
+    Engines are built from examples whose batch and token count differ from every other dim of
+    the step (layers, KV heads), so the compiler cannot tie them together (see
+    :func:`tcompile.runtime.lm_lowering._rebatch`)."""
+    ids = torch.randint(0, spec.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    kv = tuple(torch.zeros(batch, spec.kv_heads, cached + tokens, spec.head_dim, dtype=spec.dtype, device=device)
+               for _ in range(2 * spec.num_layers))
+    pos = torch.arange(cached, cached + tokens, device=device).expand(batch, tokens).contiguous()
+    attend = torch.ones(batch, tokens, cached + tokens, dtype=torch.bool, device=device)
+    attend[:, :, cached:] = torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril()
+    attend[1, :, :2] = False   # a left-padded row
+    slot = (cached + torch.arange(tokens, device=device)).expand(batch, spec.num_layers, spec.kv_heads,
+                                                                 tokens).contiguous()
+    return (ids, pos, attend, slot, kv)
+
+
 def capture_verify(model: torch.nn.Module) -> tuple[torch.fx.GraphModule, tuple]:
     """Export ``VerifyStep`` of ``model`` (dynamic batch, draft length and cache slots).
     Returns the graph module and its example args."""
     spec = lm_spec(model)
-    device = next(model.parameters()).device
-    b, cached, t = 2, 6, 3
-    ids = torch.randint(0, spec.vocab_size, (b, t), generator=torch.Generator().manual_seed(0)).to(device)
-    kv = tuple(torch.zeros(b, spec.kv_heads, cached + t, spec.head_dim, dtype=spec.dtype, device=device)
-               for _ in range(2 * spec.num_layers))
-    pos = torch.arange(cached, cached + t, device=device).expand(b, t).contiguous()
-    attend = torch.ones(b, t, cached + t, dtype=torch.bool, device=device)
-    attend[:, :, cached:] = torch.ones(t, t, dtype=torch.bool, device=device).tril()
-    attend[1, :, :2] = False   # a left-padded row
-    slot = (cached + torch.arange(t, device=device)).expand(b, spec.num_layers, spec.kv_heads, t).contiguous()
-    args = (ids, pos, attend, slot, kv)
+    args = verify_example_args(spec, next(model.parameters()).device)
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
-            ep = _export(VerifyStep(model, spec.dtype), args, verify_dynamic_shapes(len(kv)))
+            ep = _export(VerifyStep(model, spec.dtype), args, verify_dynamic_shapes(len(args[4])))
     finally:
         model.train(was_training)
     return ep.module(), args

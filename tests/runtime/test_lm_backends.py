@@ -83,3 +83,36 @@ def test_onnxruntime_io_binding_decodes_the_same_tokens(llama, eager, prompts) -
 def test_tensorrt_is_refused_for_lms(llama) -> None:
     with pytest.raises(BackendUnavailableError, match="not available for causal LMs"):
         tcompile.optimize(llama, passes=[], backend="tensorrt")
+
+
+CHAIN, TREE = "speculative{drafter=prompt_lookup,k=4}", PIPE + ",speculative{drafter=token_recycling}"
+
+
+@pytest.mark.parametrize("backend,pipe", [("onnxruntime", CHAIN), ("onnxruntime", TREE), ("aot", TREE)])
+def test_speculative_verify_engine(llama, prompts, backend, pipe, tmp_path) -> None:
+    """The verify step runs as an engine with a dynamic draft length: a chain draft (prompt
+    lookup) gives plain greedy's tokens, a tree draft with H2O eviction (the engine carries the
+    score outputs) the tokens of the same pipeline on eager (eviction timing differs from plain
+    decoding's), batch 3 with padding; the artifact round-trips and refuses to load without its
+    verify engine. (aot: the tree case only, its compiles are slow.)"""
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    from tcompile.runtime.lm_lowering import OrtStep, engine_files
+    ids, mask = prompts
+    want = tcompile.optimize(llama, passes=pipe).generate(ids, mask, max_new_tokens=40)
+    if pipe == CHAIN:
+        assert torch.equal(want, tcompile.optimize(llama, passes=[]).generate(ids, mask, max_new_tokens=40))
+    opt = tcompile.optimize(llama, passes=pipe, backend=backend)
+    names = engine_files(opt.runtime, backend)
+    assert opt.engines[1] == names and len(names) == 3
+    if backend == "onnxruntime":
+        assert isinstance(opt.runtime.verify_fn, OrtStep)
+    assert torch.equal(opt.generate(ids, mask, max_new_tokens=40), want)
+    stats = opt.last_stats
+    assert stats.steps < 39 and stats.accepted > 0   # several tokens per verify call
+    path = opt.export(tmp_path / "art")
+    assert names[2] in json.loads((path / "manifest.json").read_text())["files"]
+    assert torch.equal(tcompile.load(path).generate(ids, mask, max_new_tokens=40), want)
+    (path / names[2]).unlink()
+    with pytest.raises(ArtifactError, match="lm_verify"):
+        tcompile.load(path)
