@@ -52,7 +52,7 @@ def verify_dynamic_shapes(n_kv: int) -> tuple:
 
 def verify_example_args(spec: LMSpec, device: torch.device | str = "cpu", batch: int = 2, cached: int = 6,
                         tokens: int = 3) -> tuple:
-    """Example inputs of the verify step: ``batch`` rows (row 1 left padded by two entries),
+    """Example inputs of the verify step: ``batch`` rows (row 1, if any, left padded by two entries),
     ``cached`` entries in the cache and a causal draft of ``tokens`` written after them.
     Engines are built from examples whose batch and token count differ from every other dim of
     the step (layers, KV heads), so the compiler cannot tie them together (see
@@ -63,7 +63,8 @@ def verify_example_args(spec: LMSpec, device: torch.device | str = "cpu", batch:
     pos = torch.arange(cached, cached + tokens, device=device).expand(batch, tokens).contiguous()
     attend = torch.ones(batch, tokens, cached + tokens, dtype=torch.bool, device=device)
     attend[:, :, cached:] = torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril()
-    attend[1, :, :2] = False   # a left-padded row
+    if batch > 1:
+        attend[1, :, :2] = False   # a left-padded row
     slot = (cached + torch.arange(tokens, device=device)).expand(batch, spec.num_layers, spec.kv_heads,
                                                                  tokens).contiguous()
     return (ids, pos, attend, slot, kv)
