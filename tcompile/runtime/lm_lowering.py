@@ -59,17 +59,17 @@ def _rebatch(args: tuple, batch: int) -> tuple:
                                    for t in leaves], spec)
 
 
-def engine_files(runtime: Any, backend: str) -> list[str]:
-    """The engine files ``backend`` has for ``runtime``: prefill, decode and, for a speculative
-    runtime, verify."""
-    names = list(ENGINE_FILES[backend])
+def engine_files(runtime: Any, backend: str) -> dict[str, str]:
+    """Step -> engine file of ``backend`` for ``runtime``: prefill, decode and, for a speculative
+    runtime, verify (the runtime calls step ``s`` through its ``s_fn`` attribute)."""
+    files = dict(zip(("prefill", "decode"), ENGINE_FILES[backend]))
     if hasattr(runtime, "verify_fn"):
-        names.append(VERIFY_FILES[backend])
-    return names
+        files["verify"] = VERIFY_FILES[backend]
+    return files
 
 
 def _programs(runtime: Any, prefill_args: tuple, decode_args: tuple) -> dict[str, Any]:
-    """Stage name -> the step re-exported with its dynamic dims, from examples of ``ENGINE_BATCH`` rows."""
+    """Step -> the step re-exported with its dynamic dims, from examples of ``ENGINE_BATCH`` rows."""
     from tcompile.runtime.lm_artifact import _reexport
     from tcompile.runtime.verify import verify_dynamic_shapes, verify_example_args
     n_kv = 2 * runtime.spec.num_layers
@@ -96,16 +96,16 @@ def build_engines(runtime: Any, backend: str, prefill_args: tuple, decode_args: 
     """Write the step engines of ``backend`` into ``workdir`` (:func:`engine_files`); returns their file names."""
     programs = _programs(runtime, prefill_args, decode_args)
     _refuse_unsupported(backend, programs)
-    names = engine_files(runtime, backend)
+    files = engine_files(runtime, backend)
     workdir.mkdir(parents=True, exist_ok=True)
-    for program, name in zip(programs.values(), names):
-        logger.info("%s: building %s", backend, name)
+    for step, program in programs.items():
+        logger.info("%s: building %s", backend, files[step])
         if backend == "aot":
             from tcompile.lowering.aot import compile_package
-            compile_package(program, workdir / name)
+            compile_package(program, workdir / files[step])
         else:
-            _export_onnx(program, workdir / name)
-    return names
+            _export_onnx(program, workdir / files[step])
+    return list(files.values())
 
 
 def _export_onnx(program: Any, path: Path) -> None:
@@ -132,27 +132,26 @@ def attach_engines(runtime: Any, backend: str, directory: Path, io_binding: bool
     (its decode ran 2.75x eager's tokens/s unbound against 2.41x bound, then 2.12x against 2.15x,
     on the AVX-512 build machine; 2.13x against 2.06x and 1.87x against 1.85x on the AVX2 one:
     ``bench/lowering_speed.py --part lm``, bench/RESULTS.md §8), so the plain call is the default."""
-    names = engine_files(runtime, backend)
-    missing = [name for name in names if not (directory / name).exists()]
+    files = engine_files(runtime, backend)
+    missing = [name for name in files.values() if not (directory / name).exists()]
     if missing:
         raise ArtifactError(f"{directory} lacks the {backend} engine file(s) {missing} this runtime needs; "
                             "re-export the artifact (or rebuild the engines with lower_lm)")
-    steps = ["prefill_fn", "decode_fn", "verify_fn"][:len(names)]
     if backend == "aot":
         from tcompile.lowering.aot import AotModule
-        for step, name in zip(steps, names):
-            setattr(runtime, step, AotModule(directory / name))
+        for step, name in files.items():
+            setattr(runtime, f"{step}_fn", AotModule(directory / name))
         return
+    engines = {step: OrtStep(directory / name) for step, name in files.items()}
+    if io_binding is None:
+        io_binding = engines["prefill"].session.get_providers()[0] != "CPUExecutionProvider"
     n_kv = 2 * runtime.spec.num_layers
-    for step, name in zip(steps, names):
-        engine = OrtStep(directory / name)
-        if io_binding is None:
-            io_binding = engine.session.get_providers()[0] != "CPUExecutionProvider"
-        if io_binding and step != "prefill_fn":
+    for step, engine in engines.items():
+        if io_binding and step != "prefill":
             # decode (ids, positions, valid, slot, K0, V0, ...) and verify (ids, positions, attend, slot,
             # K0, V0, ...) -> (logits, K0', V0', ..., scores...): output 1 + i is written over input 4 + i
             engine.alias = {1 + i: 4 + i for i in range(n_kv)}
-        setattr(runtime, step, engine)
+        setattr(runtime, f"{step}_fn", engine)
 
 
 class OrtStep:

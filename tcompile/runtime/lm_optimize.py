@@ -161,7 +161,7 @@ def lower_lm(runtime: LMRuntime, backend: str, example_args: tuple[tuple, tuple]
         weakref.finalize(runtime, shutil.rmtree, engine_dir, True)   # engine files live as long as the runtime
         names = build_engines(runtime, backend, *example_args, engine_dir)
     else:
-        names = engine_files(runtime, backend)
+        names = list(engine_files(runtime, backend).values())
     attach_engines(runtime, backend, Path(engine_dir))
     return Path(engine_dir), names
 

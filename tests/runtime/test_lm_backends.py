@@ -106,7 +106,7 @@ def test_speculative_verify_engine(llama, prompts, backend, pipe, tmp_path) -> N
     if pipe == CHAIN:
         assert torch.equal(want, tcompile.optimize(llama, passes=[]).generate(ids, mask, max_new_tokens=40))
     opt = tcompile.optimize(llama, passes=pipe, backend=backend)
-    names = engine_files(opt.runtime, backend)
+    names = list(engine_files(opt.runtime, backend).values())
     assert opt.engines[1] == names and len(names) == 3
     if backend == "onnxruntime":
         assert isinstance(opt.runtime.verify_fn, OrtStep)
