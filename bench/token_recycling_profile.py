@@ -1,6 +1,7 @@
 """Token Recycling on SmolLM2: how often the next token is in its predecessor's matrix row, and at which rank.
 
 Usage: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/token_recycling_profile.py [--warm 60] [--nodes 8 16 32]
+       [--prompt-rows]
 
 Why: a static draft tree only pays if its nodes are the rank paths that get accepted. This bench
 serves ``--warm`` of bench/speculative.py's other requests and then its story prompt with
@@ -14,6 +15,10 @@ tree's paths. The table compares the default tree (``budget_tree``, an assumed r
 the tree of the same size fitted to the measured warm-up profile (Sequoia-style: ``budget_tree``
 scoring paths by their measured share), on the warm-up requests and on the story. Exactness and
 speed are bench/speculative.py's job; this measures acceptance only.
+
+``--prompt-rows`` tries a cold start some Token Recycling implementations use and tcompile's
+runtime does not: before each request, every prompt token's row is written from a full-logits
+forward of the prompt (the prefill graph returns only the last position's logits).
 """
 from __future__ import annotations
 
@@ -55,6 +60,17 @@ def record_ranks(drafter, ranks: list) -> None:
     drafter.observe = wrapped
 
 
+def write_prompt_rows(drafter, model) -> None:
+    """Make ``drafter.reset`` write each prompt token's row from the top-k of its logits."""
+    def reset(prompts):
+        for prompt in prompts:
+            with torch.no_grad():
+                logits = model(prompt.view(1, -1)).logits[0]
+            drafter.adjacency[prompt] = logits.topk(drafter.top_k, dim=-1).indices.to(torch.int32)
+            drafter.known[prompt] = True
+    drafter.reset = reset
+
+
 def path_shares(requests: list[list], depth: int) -> dict[tuple[int, ...], float]:
     """Share of positions t (over all requests) where ranks[t:t+d] equals each rank path of
     length d ≤ ``depth``; no path crosses from one request into the next."""
@@ -82,6 +98,7 @@ def main() -> None:
     ap.add_argument("--tree", type=int, default=32, help="draft tree nodes while recording")
     ap.add_argument("--nodes", type=int, nargs="*", default=[4, 8, 16, 24, 32])
     ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--prompt-rows", action="store_true", help="write the prompt's rows before each request")
     ap.add_argument("--out", default="token_recycling_profile")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -90,6 +107,8 @@ def main() -> None:
     options = SpeculativeOptions(drafter="token_recycling", k=args.depth, tree_nodes=args.tree)
     runtime = runtime_for(program, [PassSpec("speculative", options)], model)[0]
     top_k = runtime.drafter.top_k
+    if args.prompt_rows:
+        write_prompt_rows(runtime.drafter, model)
     ranks: list = []
     record_ranks(runtime.drafter, ranks)
     warm_requests: list[list] = []
@@ -123,7 +142,8 @@ def main() -> None:
         print(f"{nodes:5d}  {row['default_warm']:18.3f}  {row['default_story']:6.3f}  {row['fitted_warm']:20.3f}"
               f"  {row['fitted_story']:6.3f}")
     command = " ".join(["OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/token_recycling_profile.py", *sys.argv[1:]])
-    payload = {"command": command, "warm_requests": args.warm, "record_tree_nodes": args.tree, "profile": profile,
+    payload = {"command": command, "warm_requests": args.warm, "record_tree_nodes": args.tree,
+               "prompt_rows": args.prompt_rows, "profile": profile,
                "expected_tokens_per_step": rows, "warm_tokens_per_step": accepted}
     print(f"written {save(args.out, payload)}")
 
