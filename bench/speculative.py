@@ -18,6 +18,9 @@ ratios are of medians in this run. token_recycling's adjacency matrix is warmed 
 other requests and restored before every timed call, so it never holds what it learnt from the
 timed prompt itself. layer_skip chooses its skipped layers on held-out pydoc text. Every
 speculative output is checked token for token against tcompile's plain greedy output.
+Each tcompile row also reports its median step (decode or verify step, no prefill) and each
+speculative row its mean step split into the verify call, the drafter's work and the rest
+(``SpeculativeStats.step_split_ms``), to set against plain greedy's one-token step.
 """
 from __future__ import annotations
 
@@ -156,7 +159,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--drafters", nargs="*", default=list(DRAFTERS))
     ap.add_argument("--backend", default="eager", choices=["eager", "inductor", "onnxruntime", "aot"])
-    ap.add_argument("--warm", type=int, default=len(WARM), help="other requests token_recycling serves first")
+    ap.add_argument("--warm", type=int, default=len(WARM),
+                    help="other requests token_recycling serves first")
     ap.add_argument("--tasks", nargs="*", default=["copy", "story"], choices=["copy", "story"])
     ap.add_argument("--out", default="speculative")
     args = ap.parse_args()
@@ -171,7 +175,8 @@ def main() -> None:
         opts = DRAFTERS[name]
         if opts.drafter == "layer_skip":
             from tcompile.runtime.model_drafters import choose_skip
-            opts = SpeculativeOptions(**{**opts.__dict__, "skip": choose_skip(model, calibration, opts.k, opts.skip_ratio)})
+            skip = choose_skip(model, calibration, opts.k, opts.skip_ratio)
+            opts = SpeculativeOptions(**{**opts.__dict__, "skip": skip})
         runtimes[name] = runtime_for(program, [PassSpec("speculative", opts)], model)[0]
         if opts.drafter == "layer_skip":
             print(f"layer_skip skips layers {opts.skip}", flush=True)
@@ -223,9 +228,12 @@ def main() -> None:
                 step_ms = stats[task].setdefault(name, {}).setdefault("step_ms_rounds", [])
                 step_ms.append(1e3 * statistics.median(s.decode_s))    # one decode or verify step
                 if hasattr(s, "summary"):
-                    stats[task][name].update({k: s.summary()[k] for k in ("steps", "drafted", "accepted",
-                                                                          "acceptance_rate", "mean_accepted_length")})
-            for name, kw in (("transformers greedy", {}), ("transformers prompt_lookup=10", {"prompt_lookup_num_tokens": 10})):
+                    keep = ("steps", "drafted", "accepted", "acceptance_rate", "mean_accepted_length")
+                    stats[task][name].update({k: s.summary()[k] for k in keep})
+                    for part, ms in s.step_split_ms().items():   # mean ms per step: verify, draft, other
+                        stats[task][name].setdefault(f"mean_{part}_rounds", []).append(ms)
+            for name, kw in (("transformers greedy", {}),
+                             ("transformers prompt_lookup=10", {"prompt_lookup_num_tokens": 10})):
                 t0 = time.perf_counter()
                 out = hf(ids, **kw)
                 times[task].setdefault(name, []).append(args.new / (time.perf_counter() - t0))
@@ -248,9 +256,13 @@ def main() -> None:
         print(f"\n{task} ({tasks[task].shape[1]} prompt tokens)")
         for name, row in rows.items():
             extra = f", step {statistics.median(row['step_ms_rounds']):.0f} ms" if "step_ms_rounds" in row else ""
+            if "mean_verify_ms_rounds" in row:    # each round's mean step, split
+                extra += ", mean step " + ", ".join(f"{part} {statistics.median(row[f'mean_{part}_ms_rounds']):.1f}"
+                                                    for part in ("step", "verify", "draft", "other")) + " ms"
             extra += f", mean accepted {row['mean_accepted_length']:.2f}" if "mean_accepted_length" in row else ""
             print(f"  {name:34s} {row['tokens_per_s']:6.1f} tok/s  x{row['speedup_vs_tcompile_greedy']:.2f} vs greedy"
-                  f"  x{row['vs_transformers_prompt_lookup']:.2f} vs HF lookup  same={row['equals_tcompile_greedy']}{extra}")
+                  f"  x{row['vs_transformers_prompt_lookup']:.2f} vs HF lookup"
+                  f"  same={row['equals_tcompile_greedy']}{extra}")
     command = "OMP_WAIT_POLICY=PASSIVE .venv/bin/python " + " ".join(["bench/speculative.py", *sys.argv[1:]])
     payload = {"command": command, "backend": args.backend, "new_tokens": args.new, "rounds": args.rounds,
                "warm_requests": args.warm, "table": table}

@@ -297,6 +297,9 @@ def speculative_text(report: Report) -> str:
              f"acceptance rate {format_value(spec.get('acceptance_rate'))}",
              f"mean accepted length {format_value(spec.get('mean_accepted_length'))}",
              f"{format_value(spec.get('tokens_per_s'))} tokens/s"]
+    if number(spec.get("step_ms")) is not None:
+        parts.append(f"{format_value(spec.get('step_ms'))} ms per step (verify {format_value(spec.get('verify_ms'))}, "
+                     f"draft {format_value(spec.get('draft_ms'))}, other {format_value(spec.get('other_ms'))})")
     return ", ".join(parts)
 
 

@@ -39,6 +39,8 @@ class SpeculativeStats(GenerationStats):
     drafted: int = 0               # candidate tokens scored (tree nodes included)
     accepted: int = 0              # candidate tokens accepted
     total_s: float = 0.0           # prefill + every step
+    draft_s: float = 0.0           # the drafter's share of the steps: propose, pack the tree, observe
+    verify_s: float = 0.0          # the verify calls (inputs built, model run)
 
     @property
     def acceptance_rate(self) -> float:
@@ -59,10 +61,20 @@ class SpeculativeStats(GenerationStats):
             return None
         return 1e3 * sum(self.decode_s) / (self.new_tokens - 1)
 
+    def step_split_ms(self) -> dict[str, float]:
+        """Mean milliseconds per step: the whole step, its verify call, the drafter's work, and the
+        rest (acceptance, cache commit, eviction). A speculative step pays off only if the verify
+        call costs little more than a one-token decode step; this says where the rest goes."""
+        if not self.steps:
+            return {}
+        step = 1e3 * sum(self.decode_s) / self.steps
+        verify, draft = 1e3 * self.verify_s / self.steps, 1e3 * self.draft_s / self.steps
+        return {"step_ms": step, "verify_ms": verify, "draft_ms": draft, "other_ms": step - verify - draft}
+
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "decode_s"}
         out.update(acceptance_rate=self.acceptance_rate, mean_accepted_length=self.mean_accepted_length,
-                   tokens_per_s=self.tokens_per_s, ms_per_token=self.ms_per_token())
+                   tokens_per_s=self.tokens_per_s, ms_per_token=self.ms_per_token(), **self.step_split_ms())
         return out
 
 
@@ -197,7 +209,10 @@ class SpeculativeRuntime(LMRuntime):
                      for row, tree in enumerate(trees)]
             roots = torch.tensor([e[-1] for e in emitted])
             step_ids, depth, anc = pack(trees, roots)
+            verify_started = time.perf_counter()
+            stats.draft_s += verify_started - step_started
             logits, slots = self._verify(cache, step_ids, depth, anc)
+            stats.verify_s += time.perf_counter() - verify_started
             if do_sample:
                 probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
             else:
@@ -223,7 +238,9 @@ class SpeculativeRuntime(LMRuntime):
                     emitted[row].append(token)
                     done[row] = bool(eos) and token in eos
             sizes = torch.tensor([1 + tree.size if live[row] else 0 for row, tree in enumerate(trees)])
+            observe_started = time.perf_counter()
             self.drafter.observe(step_ids, logits, paths, torch.arange(step_ids.shape[1])[None] < sizes[:, None])
+            stats.draft_s += time.perf_counter() - observe_started
             self._commit(cache, slots, paths)
             if self.evicts:
                 evict_accepted(cache, self.policy, capacity, slots, paths, self._scores)

@@ -165,6 +165,11 @@ def test_optimize_with_the_pass_reports_acceptance(llama, prompts):
     figures = opt.report.latency["speculative"]
     assert figures["drafter"] == "prompt_lookup" and 0 <= figures["acceptance_rate"] <= 1
     assert figures["mean_accepted_length"] >= 1 and figures["tokens_per_s"] > 0 and figures["lossy"] is False
+    # the step's time split: verify call and drafter inside the step, the rest what remains
+    assert figures["verify_ms"] > 0 and figures["draft_ms"] > 0 and figures["other_ms"] >= 0
+    assert figures["step_ms"] == pytest.approx(figures["verify_ms"] + figures["draft_ms"] + figures["other_ms"])
+    assert figures["verify_ms"] + figures["draft_ms"] <= figures["step_ms"]
+    assert "ms per step (verify " in opt.report.summary()
 
 
 def test_drafters_accept_on_repetitive_text(llama_spec, llama):
