@@ -79,12 +79,23 @@ class InferenceCompiled:
             return self.compiled(*args, **kwargs)
 
 
-def compile_for_inference(fn: Any, *, on_cpu: bool, freezing: bool = True, **compile_kwargs: Any) -> InferenceCompiled:
+def compile_for_inference(fn: Any, *, on_cpu: bool, freezing: bool = True, serial_kernels: bool = False,
+                          **compile_kwargs: Any) -> InferenceCompiled:
     """The one way tcompile compiles a graph with Inductor (the ``inductor`` backend and the LM
-    runtime's decode/verify steps): see the module docstring for why freezing and the pass."""
+    runtime's decode/verify steps): see the module docstring for why freezing and the pass.
+
+    ``serial_kernels`` (CPU): Inductor's own C++ kernels run on one thread (``cpp.threads=1``);
+    the GEMMs and attention it calls out to keep torch's threads. For the LM decode and verify
+    steps: their norms, RoPE and activations touch a few thousand elements per kernel, and with a
+    symbolic token count Inductor opens an OpenMP region for each of ~450 kernels a step, whose
+    thread hand-off cost more than the work (SmolLM2 on the 2-core EPYC with
+    ``OMP_WAIT_POLICY=PASSIVE``, a one-off: decode 61.9 against 72.6 ms, a 9-token verify 70.9
+    against 83.6 ms, same logits; bench/RESULTS.md §9)."""
     config: dict[str, Any] = {"freezing": freezing}
     if freezing and on_cpu:
         config["post_grad_custom_pre_pass"] = GeluOutsideGemm()
+    if serial_kernels and on_cpu:
+        config["cpp.threads"] = 1
     return InferenceCompiled(fn, config, **compile_kwargs)
 
 
