@@ -1,19 +1,27 @@
-"""SmolLM2's verify step: its cost against the number of draft tokens T, and its logits against eager's.
+"""SmolLM2's verify step: its cost against the number of draft tokens T and against a one-token
+decode step, and its logits against eager's.
 
 Usage: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/verify_cost.py [--backend onnxruntime] [--tokens 1 2 5 9 17]
-       [--rounds 7]
+       [--rounds 7] [--kernels-ab]
 
-Why: a speculative step pays off only if scoring T tokens costs little more than scoring one, so
-each backend's cost curve in T bounds what any drafter can gain on it (bench/RESULTS.md §9). The
-cache is real: the eager prefill of bench/speculative.py's story prompt (46 tokens). Each T scores
-the next greedy token followed by the prompt's last T − 1 tokens as a causal chain, through
+Why: a speculative step pays off only if scoring T tokens costs little more than decoding one,
+so each backend's cost curve in T bounds what any drafter can gain on it (bench/RESULTS.md §9).
+The cache is real: the eager prefill of bench/speculative.py's story prompt (46 tokens), with
+``--free`` empty slots after it (the runtime grows its buffers in steps). Each T scores the next
+greedy token followed by the prompt's last T − 1 tokens as a causal chain, through
 ``runtime.verify_fn`` lowered to ``--backend`` (``lower_lm``, as ``tcompile.optimize`` does);
-calls of every T are interleaved, median seconds per call over ``--rounds``. The logits are
-compared with the eager verify graph's on the same inputs (max |difference|, argmax agreement).
+the decode step writes that next token at the same cache. Calls are interleaved, median seconds
+per call over ``--rounds``. The logits are compared with the eager verify graph's on the same
+inputs (max |difference|, argmax agreement).
+
+``--kernels-ab`` (inductor): the decode and verify steps are compiled twice, Inductor's generated
+kernels multi-threaded (OpenMP, its default) and serial (``serial_kernels``, what ``lower_lm``
+does since 2026-11-30), and both are timed in the same rounds.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 
@@ -21,6 +29,7 @@ import torch
 
 from bench_common import interleaved_medians, save
 from speculative import STORY, chat_ids
+from tcompile.lowering.inductor import compile_for_inference
 from tcompile.models.lm import load_smollm2, load_smollm2_tokenizer
 from tcompile.passes.speculative import SpeculativeOptions
 from tcompile.registry import PassSpec
@@ -28,52 +37,86 @@ from tcompile.runtime import capture_lm
 from tcompile.runtime.lm_optimize import lower_lm, runtime_for
 
 
+def steps_to_time(runtime, program, backend: str, kernels_ab: bool) -> dict[str, tuple]:
+    """Variant name -> (decode step, verify step) callables: the lowered runtime's, or with
+    ``kernels_ab`` two inductor compilations of private copies of the eager steps (a copy of a
+    GraphModule has its own code, so Dynamo compiles it afresh instead of reusing the other's)."""
+    if not kernels_ab:
+        lower_lm(runtime, backend, (program.prefill.example_args, program.decode.example_args))
+        return {"": (runtime.decode_fn, runtime.verify_fn)}
+    if backend != "inductor":
+        raise SystemExit("--kernels-ab compares Inductor's kernel threading: use it with --backend inductor")
+    return {name: tuple(compile_for_inference(copy.deepcopy(fn), on_cpu=True, dynamic=True, serial_kernels=serial)
+                        for fn in (runtime.decode_fn, runtime.verify_fn))
+            for name, serial in (("threaded kernels", False), ("serial kernels", True))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="onnxruntime", choices=["eager", "inductor", "onnxruntime", "aot"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 5, 9, 17])
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--free", type=int, default=100, help="empty cache slots after the prompt's entries")
+    ap.add_argument("--kernels-ab", action="store_true", help="inductor: multi-threaded vs serial generated kernels")
     ap.add_argument("--out", default=None, help="result name (default verify_cost_<backend>)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     model, tok = load_smollm2(), load_smollm2_tokenizer()
     program = capture_lm(model, "SmolLM2-135M-Instruct", verify=True)
     runtime = runtime_for(program, [PassSpec("speculative", SpeculativeOptions(drafter="prompt_lookup"))], model)[0]
-    started = time.perf_counter()
-    lower_lm(runtime, args.backend, (program.prefill.example_args, program.decode.example_args))
-    build_s = time.perf_counter() - started
     spec, ids = program.spec, chat_ids(tok, STORY)
     n = ids.shape[1]
     with torch.no_grad():
         prefill = program.prefill.gm(ids, torch.ones_like(ids))
     first = int(prefill[0].argmax())
+    slots = n + max(args.tokens) + args.free
 
-    def step_args(t: int) -> tuple:
-        kv = tuple(torch.cat([c, torch.zeros_like(c[:, :, :t])], dim=2) for c in prefill[1:])
+    def cache() -> tuple:
+        return tuple(torch.cat([c, c.new_zeros(c.shape[0], c.shape[1], slots - n, c.shape[3])], dim=2)
+                     for c in prefill[1:])
+
+    def verify_args(t: int) -> tuple:
         draft = torch.cat([torch.tensor([first]), ids[0, n - t + 1:]])[None]
-        attend = torch.ones(1, t, n + t, dtype=torch.bool)
-        attend[0, :, n:] = torch.ones(t, t, dtype=torch.bool).tril()
+        attend = torch.zeros(1, t, slots, dtype=torch.bool)
+        attend[0, :, :n] = True
+        attend[0, :, n:n + t] = torch.ones(t, t, dtype=torch.bool).tril()
         slot = (n + torch.arange(t)).expand(1, spec.num_layers, spec.kv_heads, t).contiguous()
-        return (draft, (n + torch.arange(t))[None], attend, slot, kv)
+        return (draft, (n + torch.arange(t))[None], attend, slot, cache())
 
-    inputs = {t: step_args(t) for t in args.tokens}
-    timed = interleaved_medians({f"T={t}": (lambda a=a: runtime.verify_fn(*a)) for t, a in inputs.items()},
-                                args.rounds)
+    valid = torch.zeros(1, slots, dtype=torch.bool)
+    valid[0, :n + 1] = True
+    decode_args = (torch.tensor([[first]]), torch.tensor([[n]]), valid,
+                   torch.full((1, spec.num_layers, spec.kv_heads), n), cache())
+    inputs = {t: verify_args(t) for t in args.tokens}
+    started = time.perf_counter()
+    variants = steps_to_time(runtime, program, args.backend, args.kernels_ab)
+    fns = {}
+    for name, (decode, verify) in variants.items():
+        fns[f"{name} decode".strip()] = lambda f=decode: f(*decode_args)
+        fns.update({f"{name} T={t}".strip(): (lambda f=verify, a=a: f(*a)) for t, a in inputs.items()})
+    with torch.no_grad():
+        for fn in fns.values():   # compile (inductor) before timing, so build_s covers it
+            fn()
+    build_s = time.perf_counter() - started
+    timed = interleaved_medians(fns, args.rounds)
     rows = []
-    one = timed[f"T={min(args.tokens)}"]["median"]
-    for t, a in inputs.items():
-        with torch.no_grad():
-            want = runtime.verify_step_graph(*a)[0]
-            got = runtime.verify_fn(*a)[0]
-        row = {"tokens": t, "ms": 1e3 * timed[f"T={t}"]["median"], "vs_smallest_T": timed[f"T={t}"]["median"] / one,
-               "max_abs_logit_diff": float((got - want).abs().max()),
-               "argmax_equal": bool((got.argmax(-1) == want.argmax(-1)).all())}
-        rows.append(row)
-        print(f"T={t:3d}: {row['ms']:7.1f} ms  x{row['vs_smallest_T']:.2f}  max|logits - eager| "
-              f"{row['max_abs_logit_diff']:.1e}  argmax equal {row['argmax_equal']}", flush=True)
+    for name, (decode, verify) in variants.items():
+        one = timed[f"{name} decode".strip()]["median"]
+        print(f"{name or args.backend}: decode step {1e3 * one:.1f} ms", flush=True)
+        for t, a in inputs.items():
+            with torch.no_grad():
+                want = runtime.verify_step_graph(*a)[0]
+                got = verify(*a)[0]
+            ms = timed[f"{name} T={t}".strip()]["median"]
+            row = {"variant": name or args.backend, "tokens": t, "ms": 1e3 * ms, "decode_ms": 1e3 * one,
+                   "vs_decode": ms / one, "max_abs_logit_diff": float((got - want).abs().max()),
+                   "argmax_equal": bool((got.argmax(-1) == want.argmax(-1)).all())}
+            rows.append(row)
+            print(f"  T={t:3d}: {row['ms']:7.1f} ms  x{row['vs_decode']:.2f} the decode step  max|logits - eager| "
+                  f"{row['max_abs_logit_diff']:.1e}  argmax equal {row['argmax_equal']}", flush=True)
     command = " ".join(["OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/verify_cost.py", *sys.argv[1:]])
-    payload = {"command": command, "backend": args.backend, "prompt_tokens": n, "build_s": build_s,
-               "rounds": args.rounds, "rows": rows}
+    payload = {"command": command, "backend": args.backend, "prompt_tokens": n, "cache_slots": slots,
+               "build_s": build_s, "rounds": args.rounds, "rows": rows}
     print(f"written {save(args.out or f'verify_cost_{args.backend}', payload)}")
 
 

@@ -89,8 +89,8 @@ def compile_for_inference(fn: Any, *, on_cpu: bool, freezing: bool = True, seria
     steps: their norms, RoPE and activations touch a few thousand elements per kernel, and with a
     symbolic token count Inductor opens an OpenMP region for each of ~450 kernels a step, whose
     thread hand-off cost more than the work (SmolLM2 on the 2-core EPYC with
-    ``OMP_WAIT_POLICY=PASSIVE``, a one-off: decode 61.9 against 72.6 ms, a 9-token verify 70.9
-    against 83.6 ms, same logits; bench/RESULTS.md §9)."""
+    ``OMP_WAIT_POLICY=PASSIVE``, ``bench/verify_cost.py --backend inductor --kernels-ab``: decode
+    59.4 against 67.7 ms, a 9-token verify 69.7 against 89.2 ms; bench/RESULTS.md §9)."""
     config: dict[str, Any] = {"freezing": freezing}
     if freezing and on_cpu:
         config["post_grad_custom_pre_pass"] = GeluOutsideGemm()
