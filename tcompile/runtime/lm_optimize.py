@@ -141,7 +141,8 @@ def lower_lm(runtime: LMRuntime, backend: str, example_args: tuple[tuple, tuple]
     call, serves every cache size, batch and draft length; the ~2,000 small ops of a step fuse
     into a few kernels and on a CPU the weights are pre-packed for oneDNN, which matters most
     for the small-M GEMMs of a verify step; on a CPU the generated kernels run on one thread
-    (``serial_kernels``: too little work per kernel to pay for an OpenMP region). The prefill runs once per prompt and stays eager.
+    (``serial_kernels``: too little work per kernel to pay for an OpenMP region). The prefill
+    runs once per prompt and stays eager.
     ``aot`` and ``onnxruntime`` run every step as an engine (prefill, decode, and verify for the
     speculative pass; :mod:`tcompile.runtime.lm_lowering`):
     built from ``example_args`` into a fresh folder, or loaded from ``engine_dir`` (an artifact).
@@ -150,11 +151,9 @@ def lower_lm(runtime: LMRuntime, backend: str, example_args: tuple[tuple, tuple]
     if backend == "inductor":
         from tcompile.lowering.inductor import compile_for_inference
         on_cpu = all(p.device.type == "cpu" for p in runtime.decode_fn.parameters())
-        runtime.decode_fn = compile_for_inference(runtime.decode_fn, on_cpu=on_cpu, dynamic=True,
-                                                  serial_kernels=True)
-        if hasattr(runtime, "verify_fn"):
-            runtime.verify_fn = compile_for_inference(runtime.verify_fn, on_cpu=on_cpu, dynamic=True,
-                                                      serial_kernels=True)
+        for step in ("decode_fn", "verify_fn") if hasattr(runtime, "verify_fn") else ("decode_fn",):
+            setattr(runtime, step, compile_for_inference(getattr(runtime, step), on_cpu=on_cpu, dynamic=True,
+                                                         serial_kernels=True))
     if backend not in ENGINE_FILES:
         return None
     if engine_dir is None:
