@@ -2,7 +2,7 @@
 decode step, and its logits against eager's.
 
 Usage: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/verify_cost.py [--backend onnxruntime] [--tokens 1 2 5 9 17]
-       [--rounds 7] [--kernels-ab]
+       [--rounds 7] [--settings-ab]
 
 Why: a speculative step pays off only if scoring T tokens costs little more than decoding one,
 so each backend's cost curve in T bounds what any drafter can gain on it (bench/RESULTS.md §9).
@@ -14,9 +14,10 @@ the decode step writes that next token at the same cache. Calls are interleaved,
 per call over ``--rounds``. The logits are compared with the eager verify graph's on the same
 inputs (max |difference|, argmax agreement).
 
-``--kernels-ab`` (inductor): the decode and verify steps are compiled twice, Inductor's generated
-kernels multi-threaded (OpenMP, its default) and serial (``serial_kernels``, what ``lower_lm``
-does since 2026-11-30), and both are timed in the same rounds.
+``--settings-ab`` (inductor): the decode and verify steps are compiled once per variant of
+Inductor's step settings (``tcompile.lowering.inductor.STEP_SETTINGS``): Inductor's defaults, serial
+kernels alone, serial kernels with each other setting, and all of them (what ``lower_lm`` does),
+all timed in the same rounds.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 
 from bench_common import interleaved_medians, save
 from speculative import STORY, chat_ids
-from tcompile.lowering.inductor import compile_for_inference
+from tcompile.lowering.inductor import STEP_SETTINGS, compile_for_inference
 from tcompile.models.lm import load_smollm2, load_smollm2_tokenizer
 from tcompile.passes.speculative import SpeculativeOptions
 from tcompile.registry import PassSpec
@@ -37,18 +38,29 @@ from tcompile.runtime import capture_lm
 from tcompile.runtime.lm_optimize import lower_lm, runtime_for
 
 
-def steps_to_time(runtime, program, backend: str, kernels_ab: bool) -> dict[str, tuple]:
+def setting_variants() -> dict[str, tuple[str, ...]]:
+    """Variant name -> step settings: none, serial kernels alone, serial kernels plus each other
+    setting, and all of them."""
+    others = [name for name in STEP_SETTINGS if name != "serial_kernels"]
+    out = {"inductor defaults": (), "serial_kernels": ("serial_kernels",)}
+    out.update({f"serial_kernels+{name}": ("serial_kernels", name) for name in others})
+    out["all step settings"] = tuple(STEP_SETTINGS)
+    return out
+
+
+def steps_to_time(runtime, program, backend: str, settings_ab: bool) -> dict[str, tuple]:
     """Variant name -> (decode step, verify step) callables: the lowered runtime's, or with
-    ``kernels_ab`` two inductor compilations of private copies of the eager steps (a copy of a
-    GraphModule has its own code, so Dynamo compiles it afresh instead of reusing the other's)."""
-    if not kernels_ab:
+    ``settings_ab`` one inductor compilation per variant of private copies of the eager steps (a
+    copy of a GraphModule has its own code, so Dynamo compiles it afresh instead of reusing
+    another's)."""
+    if not settings_ab:
         lower_lm(runtime, backend, (program.prefill.example_args, program.decode.example_args))
         return {"": (runtime.decode_fn, runtime.verify_fn)}
     if backend != "inductor":
-        raise SystemExit("--kernels-ab compares Inductor's kernel threading: use it with --backend inductor")
-    return {name: tuple(compile_for_inference(copy.deepcopy(fn), on_cpu=True, dynamic=True, serial_kernels=serial)
+        raise SystemExit("--settings-ab compares Inductor's step settings: use it with --backend inductor")
+    return {name: tuple(compile_for_inference(copy.deepcopy(fn), on_cpu=True, dynamic=True, step_settings=settings)
                         for fn in (runtime.decode_fn, runtime.verify_fn))
-            for name, serial in (("threaded kernels", False), ("serial kernels", True))}
+            for name, settings in setting_variants().items()}
 
 
 def main() -> None:
@@ -57,7 +69,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 5, 9, 17])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--free", type=int, default=100, help="empty cache slots after the prompt's entries")
-    ap.add_argument("--kernels-ab", action="store_true", help="inductor: multi-threaded vs serial generated kernels")
+    ap.add_argument("--settings-ab", action="store_true", help="inductor: each variant of the step settings")
     ap.add_argument("--out", default=None, help="result name (default verify_cost_<backend>)")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -89,7 +101,7 @@ def main() -> None:
                    torch.full((1, spec.num_layers, spec.kv_heads), n), cache())
     inputs = {t: verify_args(t) for t in args.tokens}
     started = time.perf_counter()
-    variants = steps_to_time(runtime, program, args.backend, args.kernels_ab)
+    variants = steps_to_time(runtime, program, args.backend, args.settings_ab)
     fns = {}
     for name, (decode, verify) in variants.items():
         fns[f"{name} decode".strip()] = lambda f=decode: f(*decode_args)

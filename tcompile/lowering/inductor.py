@@ -79,23 +79,38 @@ class InferenceCompiled:
             return self.compiled(*args, **kwargs)
 
 
-def compile_for_inference(fn: Any, *, on_cpu: bool, freezing: bool = True, serial_kernels: bool = False,
+# Inductor settings for an LM decode or verify step on a CPU: a call scores a few tokens, so its
+# time goes to the weights' memory traffic and to per-call and per-kernel overheads, not FLOPs.
+# Each was measured on SmolLM2 (2-core EPYC, ``OMP_WAIT_POLICY=PASSIVE``; bench/RESULTS.md §9,
+# ``bench/verify_cost.py --backend inductor --settings-ab``).
+STEP_SETTINGS: dict[str, dict[str, Any]] = {
+    # Inductor's own C++ kernels on one thread: with a symbolic token count it opens an OpenMP region
+    # for each of ~450 kernels of a few thousand elements, and the hand-off costs more than the work.
+    "serial_kernels": {"cpp.threads": 1},
+    # The per-call wrapper (buffer allocation, size arithmetic, ~450 kernel launches) in C++, not Python.
+    "cpp_wrapper": {"cpp_wrapper": True},
+    # q/k/v, and gate/up, which read the same input, as one GEMM each (frozen weights concatenated).
+    "concat_linear": {"cpp.enable_concat_linear": True},
+}
+
+
+def compile_for_inference(fn: Any, *, on_cpu: bool, freezing: bool = True, step_settings: tuple[str, ...] = (),
                           **compile_kwargs: Any) -> InferenceCompiled:
     """The one way tcompile compiles a graph with Inductor (the ``inductor`` backend and the LM
     runtime's decode/verify steps): see the module docstring for why freezing and the pass.
 
-    ``serial_kernels`` (CPU): Inductor's own C++ kernels run on one thread (``cpp.threads=1``);
-    the GEMMs and attention it calls out to keep torch's threads. For the LM decode and verify
-    steps: their norms, RoPE and activations touch a few thousand elements per kernel, and with a
-    symbolic token count Inductor opens an OpenMP region for each of ~450 kernels a step, whose
-    thread hand-off cost more than the work (SmolLM2 on the 2-core EPYC with
-    ``OMP_WAIT_POLICY=PASSIVE``, ``bench/verify_cost.py --backend inductor --kernels-ab``: decode
-    59.4 against 67.7 ms, a 9-token verify 69.7 against 89.2 ms; bench/RESULTS.md §9)."""
+    ``step_settings`` (CPU only; names from :data:`STEP_SETTINGS`): the settings for a step over a
+    few tokens, which the LM runtime asks for all of; encoders, whose kernels are large, keep
+    Inductor's defaults."""
+    unknown = set(step_settings) - set(STEP_SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown Inductor step settings {sorted(unknown)}; known: {sorted(STEP_SETTINGS)}")
     config: dict[str, Any] = {"freezing": freezing}
     if freezing and on_cpu:
         config["post_grad_custom_pre_pass"] = GeluOutsideGemm()
-    if serial_kernels and on_cpu:
-        config["cpp.threads"] = 1
+    if on_cpu:
+        for name in step_settings:
+            config.update(STEP_SETTINGS[name])
     return InferenceCompiled(fn, config, **compile_kwargs)
 
 

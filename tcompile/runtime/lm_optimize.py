@@ -140,20 +140,20 @@ def lower_lm(runtime: LMRuntime, backend: str, example_args: tuple[tuple, tuple]
     (:func:`tcompile.lowering.inductor.compile_for_inference`): one compilation, on the first
     call, serves every cache size, batch and draft length; the ~2,000 small ops of a step fuse
     into a few kernels and on a CPU the weights are pre-packed for oneDNN, which matters most
-    for the small-M GEMMs of a verify step; on a CPU the generated kernels run on one thread
-    (``serial_kernels``: too little work per kernel to pay for an OpenMP region). The prefill
-    runs once per prompt and stays eager.
+    for the small-M GEMMs of a verify step; on a CPU it also takes every setting for a step over a
+    few tokens (``STEP_SETTINGS``: serial generated kernels, a C++ wrapper, concatenated q/k/v and
+    gate/up GEMMs). The prefill runs once per prompt and stays eager.
     ``aot`` and ``onnxruntime`` run every step as an engine (prefill, decode, and verify for the
     speculative pass; :mod:`tcompile.runtime.lm_lowering`):
     built from ``example_args`` into a fresh folder, or loaded from ``engine_dir`` (an artifact).
     """
     check_lm_backend(backend)
     if backend == "inductor":
-        from tcompile.lowering.inductor import compile_for_inference
+        from tcompile.lowering.inductor import STEP_SETTINGS, compile_for_inference
         on_cpu = all(p.device.type == "cpu" for p in runtime.decode_fn.parameters())
         for step in ("decode_fn", "verify_fn") if hasattr(runtime, "verify_fn") else ("decode_fn",):
             setattr(runtime, step, compile_for_inference(getattr(runtime, step), on_cpu=on_cpu, dynamic=True,
-                                                         serial_kernels=True))
+                                                         step_settings=tuple(STEP_SETTINGS)))
     if backend not in ENGINE_FILES:
         return None
     if engine_dir is None:

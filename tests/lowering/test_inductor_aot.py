@@ -72,6 +72,19 @@ def test_inductor_freezes_and_packs_linear_weights_for_onednn_on_cpu() -> None:
         assert module(torch.randn(5, 16)).shape == (5, 8)
 
 
+def test_step_settings_are_named_and_cpu_only() -> None:
+    """``compile_for_inference``'s step settings (the LM decode/verify steps ask for them) map to
+    Inductor's config on a CPU, are left out elsewhere, and an unknown name is refused by name."""
+    from tcompile.lowering.inductor import STEP_SETTINGS, compile_for_inference
+    mlp = torch.nn.Linear(4, 4)
+    on_cpu = compile_for_inference(mlp, on_cpu=True, step_settings=tuple(STEP_SETTINGS))
+    assert on_cpu.config["cpp.threads"] == 1 and on_cpu.config["cpp_wrapper"] is True
+    assert on_cpu.config["cpp.enable_concat_linear"] is True
+    assert "cpp_wrapper" not in compile_for_inference(mlp, on_cpu=False, step_settings=("cpp_wrapper",)).config
+    with pytest.raises(ValueError, match="'fast_math'.*known"):
+        compile_for_inference(mlp, on_cpu=True, step_settings=("fast_math",))
+
+
 def test_custom_ops_are_fallbacks_for_compilers_and_refused_by_onnx() -> None:
     lib = torch.library.Library("tcompile_test", "FRAGMENT")  # noqa: F841 (keeps the op alive)
 

@@ -165,14 +165,22 @@ def test_inductor_backend_decodes_the_same_tokens(llama, prompts):
 
 def test_inductor_backend_compiles_the_verify_step_frozen(llama, prompts):
     """A speculative runtime on inductor compiles its verify step too, with freezing (on a CPU
-    the linear weights are packed for oneDNN, the point of freezing): greedy tokens still equal
-    plain eager greedy."""
+    the linear weights are packed for oneDNN, the point of freezing) and the step settings
+    (``STEP_SETTINGS``: serial kernels, a C++ wrapper, q/k/v and gate/up each one GEMM): greedy
+    tokens still equal plain eager greedy."""
     from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
 
     ids, mask = prompts
     want = tcompile.optimize(llama, passes=[]).generate(ids, mask, max_new_tokens=16)
     counters.clear()
     spec = tcompile.optimize(llama, passes="speculative{drafter=prompt_lookup,k=4}", backend="inductor")
-    assert torch.equal(spec.generate(ids, mask, max_new_tokens=16), want)
+    got, code = run_and_get_code(spec.generate, ids, mask, max_new_tokens=16)   # compiles both steps
+    assert torch.equal(got, want)
     assert spec.last_stats.steps < 15            # it did verify several tokens per step
     assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] > 0
+    assert len(code) == 2 and all("inductor_entry_impl" in c for c in code)    # C++ wrappers
+    assert not any("#pragma omp parallel" in c for c in code)                  # serial kernels
+    # 7 linears a layer and the LM head; q/k/v become one GEMM and gate/up one: 4 a layer
+    calls = [c.count("aoti_torch_cpu__linear_pointwise") + c.count("aoti_torch_cpu__mkl_linear") for c in code]
+    assert calls == [4 * llama.config.num_hidden_layers + 1] * 2
