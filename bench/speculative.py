@@ -45,6 +45,7 @@ DRAFTERS = {
     "prompt_lookup k=16": SpeculativeOptions(drafter="prompt_lookup", k=16),
     "prompt_lookup k=10 branches=3": SpeculativeOptions(drafter="prompt_lookup", k=10, branches=3),
     "token_recycling 8 nodes": SpeculativeOptions(drafter="token_recycling", k=4, tree_nodes=8),
+    "token_recycling 12 nodes": SpeculativeOptions(drafter="token_recycling", k=5, tree_nodes=12),
     "token_recycling 16 nodes": SpeculativeOptions(drafter="token_recycling", k=6, tree_nodes=16),
     "token_recycling 32 nodes": SpeculativeOptions(drafter="token_recycling", k=8, tree_nodes=32),
     "layer_skip": SpeculativeOptions(drafter="layer_skip", k=4, fallback=0.3),
@@ -246,7 +247,9 @@ def main() -> None:
         base, peer = med["tcompile greedy"], med["transformers prompt_lookup=10"]
         rows = {}
         for name, m in med.items():
+            same_round = [a / g for a, g in zip(times[task][name], times[task]["tcompile greedy"])]
             rows[name] = {"tokens_per_s": m, "rounds": times[task][name], "speedup_vs_tcompile_greedy": m / base,
+                          "same_round_speedups": same_round,
                           "vs_transformers_prompt_lookup": m / peer,
                           "speedup_vs_transformers_greedy": m / med["transformers greedy"],
                           "equals_tcompile_greedy": outputs[task][name] == outputs[task]["tcompile greedy"],
@@ -257,8 +260,12 @@ def main() -> None:
         for name, row in rows.items():
             extra = f", step {statistics.median(row['step_ms_rounds']):.0f} ms" if "step_ms_rounds" in row else ""
             if "mean_verify_ms_rounds" in row:    # each round's mean step, split
-                extra += ", mean step " + ", ".join(f"{part} {statistics.median(row[f'mean_{part}_ms_rounds']):.1f}"
-                                                    for part in ("step", "verify", "draft", "other")) + " ms"
+                split = {part: statistics.median(row[f"mean_{part}_ms_rounds"])
+                         for part in ("step", "verify", "draft", "other")}
+                extra += (f", mean step {split['step']:.1f} ms (verify {split['verify']:.1f},"
+                          f" draft {split['draft']:.1f}, other {split['other']:.1f})")
+            if name != "tcompile greedy":
+                extra += ", same-round x" + "/".join(f"{v:.2f}" for v in row["same_round_speedups"])
             extra += f", mean accepted {row['mean_accepted_length']:.2f}" if "mean_accepted_length" in row else ""
             print(f"  {name:34s} {row['tokens_per_s']:6.1f} tok/s  x{row['speedup_vs_tcompile_greedy']:.2f} vs greedy"
                   f"  x{row['vs_transformers_prompt_lookup']:.2f} vs HF lookup"

@@ -1,8 +1,9 @@
 """Drafters for speculative decoding: the family base and the model-free drafters.
 
-A drafter proposes, for each row, candidate continuations of the text so far as a tree in BFS
-order (a chain is the tree where node i's parent is node i - 1); the verify step scores every
-node at once and the acceptance rule keeps the longest path the target agrees with.
+A drafter proposes, for each row, candidate continuations of the text so far as a tree whose
+nodes come after their parents (a chain is the tree where node i's parent is node i - 1); the
+verify step scores every node at once and the acceptance rule keeps the longest path the target
+agrees with.
 
 - ``PromptLookup``: n-gram match against the prompt and the generated text (Saxena,
   ``apoorvumang/prompt-lookup-decoding``; transformers' ``PromptLookupCandidateGenerator``).
@@ -52,6 +53,7 @@ class Drafter:
 
     name = "drafter"
     tree = False        # whether proposals may branch (tree attention)
+    top_candidates = 0  # the target's best tokens per scored position ``observe`` reads (0: none)
 
     sampling: tuple = (False, 1.0, None, None, None)   # (do_sample, temperature, top_k, top_p, generator)
 
@@ -69,10 +71,12 @@ class Drafter:
         raise NotImplementedError
 
     def observe(self, inputs: torch.Tensor, logits: torch.Tensor, accepted: list[list[int]],
-                nodes: torch.Tensor | None = None) -> None:
+                nodes: torch.Tensor | None = None, top: torch.Tensor | None = None) -> None:
         """After verify: ``inputs`` [B, T] the scored tokens, ``logits`` [B, T, V], ``accepted``
         the node indices (0 = root) each row kept, ``nodes`` [B, T] bool: the real (not padding)
-        positions of rows still generating."""
+        positions of rows still generating, ``top`` [B, T, top_candidates]: the target's best
+        tokens, best first, when the runtime already computed them (greedy decoding does, and
+        takes its argmax from them), else None."""
 
 
 class PromptLookup(Drafter):
@@ -160,14 +164,19 @@ class TokenRecycling(Drafter):
     most recently after v. A draft is the static tree ``paths`` read from M starting at the root
     token, less the subtrees under tokens whose row was never written; every verify step writes
     the top-k of each scored position into M (last write wins), and M persists across calls (the
-    paper's hot start). 49,152 × 8 × 4 B = 1.5 MiB."""
+    paper's hot start). 49,152 × 8 × 4 B = 1.5 MiB.
+
+    The tree's nodes are ordered with the all-rank-0 chain first, then the rest breadth-first:
+    the path accepted most often is then the first slots the verify step wrote, and the cache
+    commit moves no entry for it."""
 
     name = "token_recycling"
     tree = True
 
     def __init__(self, vocab_size: int, top_k: int = 8, paths: list[tuple[int, ...]] | None = None) -> None:
-        self.top_k = top_k
-        self.paths = budget_tree(16, top_k, 6) if paths is None else sorted(paths, key=lambda p: (len(p), p))
+        self.top_k = self.top_candidates = top_k
+        paths = budget_tree(16, top_k, 6) if paths is None else paths
+        self.paths = sorted(paths, key=lambda p: (any(p), len(p), p))      # the rank-0 chain first
         if any(r >= top_k for p in self.paths for r in p):
             raise ValueError(f"token_recycling: a tree path uses a rank ≥ top_k={top_k}")
         index = {p: i for i, p in enumerate(self.paths)}
@@ -188,6 +197,13 @@ class TokenRecycling(Drafter):
         for context in contexts:
             # a node drafted from a token never seen has no successors in M (its row is zeros):
             # it and its subtree are dropped, so the verify step scores no token it cannot accept
+            rows: dict[int, list[int] | None] = {}        # M's rows read this step (one read each)
+
+            def successors(token: int) -> list[int] | None:
+                if token not in rows:
+                    rows[token] = self.adjacency[token].tolist() if bool(self.known[token]) else None
+                return rows[token]
+
             root = int(context[-1])
             tokens: list[int] = []
             parents: list[int] = []
@@ -195,19 +211,22 @@ class TokenRecycling(Drafter):
             for node, (parent, rank) in enumerate(zip(self.parents, self.ranks)):
                 if len(self.paths[node]) > k or (parent >= 0 and parent not in placed):
                     continue
-                src = root if parent < 0 else tokens[placed[parent]]
-                if not bool(self.known[src]):
+                row = successors(root if parent < 0 else tokens[placed[parent]])
+                if row is None:
                     continue
                 placed[node] = len(tokens)
-                tokens.append(int(self.adjacency[src, rank]))
+                tokens.append(row[rank])
                 parents.append(placed[parent] if parent >= 0 else -1)
             out.append(DraftTree(tokens, parents))
         return out
 
     def observe(self, inputs: torch.Tensor, logits: torch.Tensor, accepted: list[list[int]],
-                nodes: torch.Tensor | None = None) -> None:
-        keep = torch.ones_like(inputs, dtype=torch.bool) if nodes is None else nodes
-        top = logits[keep].topk(self.top_k, dim=-1).indices.to(torch.int32)     # [N, k]
-        flat_in, flat_top = inputs[keep], top
+                nodes: torch.Tensor | None = None, top: torch.Tensor | None = None) -> None:
+        if top is None:
+            top = logits.topk(self.top_k, dim=-1).indices
+        flat_in, flat_top = inputs.reshape(-1), top[..., :self.top_k].reshape(-1, self.top_k).to(torch.int32)
+        if nodes is not None and not bool(nodes.all()):     # padding positions write nothing
+            keep = nodes.reshape(-1)
+            flat_in, flat_top = flat_in[keep], flat_top[keep]
         self.adjacency[flat_in] = flat_top        # duplicates: one of the writes wins
         self.known[flat_in] = True

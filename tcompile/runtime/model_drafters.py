@@ -97,7 +97,7 @@ class ModelDrafter(Drafter):
         return [DraftTree.chain(d, torch.stack(q) if do_sample and q else None) for d, q in zip(drafted, qs)]
 
     def observe(self, inputs: torch.Tensor, logits: torch.Tensor, accepted: list[list[int]],
-                nodes: torch.Tensor | None = None) -> None:
+                nodes: torch.Tensor | None = None, top: torch.Tensor | None = None) -> None:
         """Roll the draft's cache back to the accepted prefix (entries past it become invalid)."""
         keep = torch.tensor([n + max(len(p) - 1, 0) for n, p in zip(self.context_len, accepted)])
         cache = self.cache

@@ -5,7 +5,7 @@ root); the verify step (``verify.py``) scores root and candidates in one call, w
 into the slots after each row's last entry; the acceptance rule (``acceptance.py``) keeps a path
 from the root and emits one more token (the bonus). Rollback is bookkeeping only: the kept
 entries are marked valid with their positions, the others stay invalid and are written over by
-the next step. A tree path that is not a prefix of the BFS order is compacted by moving the few
+the next step. A tree path that is not a prefix of the node order is compacted by moving the few
 kept entries next to each other (a copy of ≤ depth entries per layer, never of the cache).
 Rows accept different lengths: every row has its own slots, positions and count.
 
@@ -97,14 +97,25 @@ def pack(trees: list[DraftTree], roots: torch.Tensor) -> tuple[torch.Tensor, tor
     return ids, depth, anc
 
 
+def greedy_argmax(logits: torch.Tensor, top: Any = None) -> torch.Tensor:
+    """``logits.argmax(-1)``, read from ``top`` (``logits.topk(≥ 2)``, computed for the drafter)
+    where the best token is unique; a tie falls back to ``argmax`` and its first-index rule, so
+    the result always equals plain greedy's choice. Saves a pass over [B, T, V] logits a step."""
+    if top is None:
+        return logits.argmax(dim=-1)
+    values, best = top.values, top.indices[..., 0]
+    tied = values[..., 0] == values[..., 1]
+    return torch.where(tied, logits.argmax(dim=-1), best) if bool(tied.any()) else best
+
+
 def trim(tree: DraftTree, depth: int) -> DraftTree:
-    """The nodes of ``tree`` at most ``depth`` deep (BFS order keeps parents before children)."""
+    """The nodes of ``tree`` at most ``depth`` deep (parents stay before their children)."""
     if depth <= 0:
         return DraftTree([], [])
     keep = [i for i, d in enumerate(tree.depth()) if d <= depth]
     if len(keep) == tree.size:
         return tree
-    if keep != list(range(len(keep))):   # not BFS-sorted: drop through the remap
+    if keep != list(range(len(keep))):   # not a prefix: drop through the remap
         remap = {old: new for new, old in enumerate(keep)}
         return DraftTree([tree.tokens[i] for i in keep], [remap.get(tree.parents[i], -1) for i in keep],
                          None if tree.q is None else tree.q[keep])
@@ -136,14 +147,15 @@ def commit(cache: Any, slots: torch.Tensor, paths: list[list[int]]) -> None:
     first slots when the path skips some); every other entry of the step stays invalid."""
     b, t = slots.shape
     n = torch.tensor([len(p) for p in paths])
-    if any(p != list(range(len(p))) for p in paths):
-        width = int(n.max())
-        src = torch.stack([torch.tensor(p + list(range(len(p), width)), dtype=torch.long) for p in paths])
-        src, dst = slots.gather(1, src), slots[:, :width]
+    # each entry out of place moves to its slot: one copy per buffer (a path holds ≤ depth
+    # entries, usually one or two out of place; moving in path order never reads a slot already
+    # written, as path[j] ≥ j)
+    where = slots.tolist()
+    moves = [(row, where[row][path[j]], where[row][j])
+             for row, path in enumerate(paths) for j in range(len(path)) if path[j] != j]
+    for row, src, dst in moves:
         for buf in cache.kv:
-            h, d = buf.shape[1], buf.shape[3]
-            moved = buf.gather(2, src[:, None, :, None].expand(-1, h, -1, d))
-            buf.scatter_(2, dst[:, None, :, None].expand(-1, h, -1, d), moved)
+            buf[row, :, dst].copy_(buf[row, :, src])
     kept = torch.arange(t)[None] < n[:, None]
     cache.valid.scatter_(1, slots, kept)
     pos = torch.where(kept, cache.seen[:, None] + torch.arange(t), torch.full_like(slots, -1))
@@ -213,10 +225,12 @@ class SpeculativeRuntime(LMRuntime):
             stats.draft_s += verify_started - step_started
             logits, slots = self._verify(cache, step_ids, depth, anc)
             stats.verify_s += time.perf_counter() - verify_started
+            top = None
             if do_sample:
                 probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
             else:
-                argmax = logits.argmax(dim=-1).tolist()
+                top = logits.topk(max(self.drafter.top_candidates, 2), dim=-1) if self.drafter.top_candidates else None
+                argmax = greedy_argmax(logits, top).tolist()
             paths: list[list[int]] = []
             for row in range(batch):
                 if not live[row]:
@@ -239,7 +253,8 @@ class SpeculativeRuntime(LMRuntime):
                     done[row] = bool(eos) and token in eos
             sizes = torch.tensor([1 + tree.size if live[row] else 0 for row, tree in enumerate(trees)])
             observe_started = time.perf_counter()
-            self.drafter.observe(step_ids, logits, paths, torch.arange(step_ids.shape[1])[None] < sizes[:, None])
+            self.drafter.observe(step_ids, logits, paths, torch.arange(step_ids.shape[1])[None] < sizes[:, None],
+                                 None if top is None else top.indices)
             stats.draft_s += time.perf_counter() - observe_started
             self._commit(cache, slots, paths)
             if self.evicts:

@@ -12,7 +12,7 @@ from tcompile.models.lm import tiny_gpt2, tiny_llama
 from tcompile.passes.speculative import SpeculativeOptions
 from tcompile.runtime.drafters import DraftTree, PromptLookup, TokenRecycling, budget_tree
 from tcompile.runtime.lm_optimize import runtime_for
-from tcompile.runtime.speculative import SpeculativeRuntime, pack
+from tcompile.runtime.speculative import SpeculativeRuntime, greedy_argmax, pack
 
 NEW = 128
 
@@ -125,18 +125,30 @@ def test_token_recycling_matrix_rows_hold_the_latest_top_k():
     assert d.adjacency[2].tolist() == logits[0, 0].topk(3).indices.tolist()
     tree = d.propose([torch.tensor([1, 2])], 3)[0]
     assert tree.tokens[:2] == d.adjacency[2, :2].tolist() and all(p < i for i, p in enumerate(tree.parents))
-    # the template (0,) (1,) (0,0) (0,1) (1,0) (0,0,0), read from a hand-made M where rows 2 and 7
-    # are known: the child of 9 (never seen, a zero row) is dropped, not drafted as token 0
+    # the template (0,) (1,) (0,0) (0,1) (1,0) (0,0,0), ordered rank-0 chain first: (0,) (0,0)
+    # (0,0,0) (1,) (0,1) (1,0), read from a hand-made M where rows 2 and 7 are known: the child of
+    # 9 (never seen, a zero row) is dropped, not drafted as token 0
+    assert d.paths == [(0,), (0, 0), (0, 0, 0), (1,), (0, 1), (1, 0)]
     d.adjacency[2], d.adjacency[7] = torch.tensor([7, 9, 11]), torch.tensor([2, 4, 5])
     d.known[:] = False
     d.known[[2, 7]] = True
     tree = d.propose([torch.tensor([1, 2])], 3)[0]
-    assert (tree.tokens, tree.parents) == ([7, 9, 2, 4, 7], [-1, -1, 0, 0, 2])
+    assert (tree.tokens, tree.parents) == ([7, 2, 7, 9, 4], [-1, 0, 1, -1, 0])
     assert d.propose([torch.tensor([1, 2])], 1)[0].tokens == [7, 9]        # k bounds the depth
     d.observe(torch.tensor([[9, 2]]), torch.randn(1, 2, 50), [[0]], torch.tensor([[True, False]]))
     assert bool(d.known[9]) and d.adjacency[2].tolist() == [7, 9, 11]   # the padded position wrote nothing
     # Token Recycling's memory for a 49,152-token vocabulary stays under 2 MB
     assert TokenRecycling(49152, 8).nbytes < 2_000_000
+
+
+def test_greedy_argmax_from_the_drafters_top_k_breaks_ties_as_argmax():
+    logits = torch.tensor([[[0.0, 3.0, 1.0, 3.0], [2.0, 0.0, 5.0, 1.0]]])
+    top = logits.topk(2, dim=-1)
+    assert greedy_argmax(logits, top).tolist() == [[1, 2]]
+    # top-k may list tied tokens in any order: the tie goes to argmax's first index, not top-k's
+    swapped = torch.return_types.topk((top.values, torch.tensor([[[3, 1], [2, 0]]])))
+    assert greedy_argmax(logits, swapped).tolist() == logits.argmax(-1).tolist() == [[1, 2]]
+    assert greedy_argmax(logits).tolist() == [[1, 2]]
 
 
 def test_pass_is_registered_and_options_are_validated():
