@@ -97,11 +97,11 @@ def pack(trees: list[DraftTree], roots: torch.Tensor) -> tuple[torch.Tensor, tor
     return ids, depth, anc
 
 
-def greedy_argmax(logits: torch.Tensor, top: Any = None) -> torch.Tensor:
+def greedy_argmax(logits: torch.Tensor, top: torch.return_types.topk | None = None) -> torch.Tensor:
     """``logits.argmax(-1)``, read from ``top`` (``logits.topk(≥ 2)``, computed for the drafter)
     where the best token is unique; a tie falls back to ``argmax`` and its first-index rule, so
     the result always equals plain greedy's choice. Saves a pass over [B, T, V] logits a step."""
-    if top is None:
+    if top is None or top.values.shape[-1] < 2:
         return logits.argmax(dim=-1)
     values, best = top.values, top.indices[..., 0]
     tied = values[..., 0] == values[..., 1]
@@ -229,7 +229,8 @@ class SpeculativeRuntime(LMRuntime):
             if do_sample:
                 probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
             else:
-                top = logits.topk(max(self.drafter.top_candidates, 2), dim=-1) if self.drafter.top_candidates else None
+                wanted = min(max(self.drafter.top_candidates, 2), logits.shape[-1])
+                top = logits.topk(wanted, dim=-1) if self.drafter.top_candidates else None
                 argmax = greedy_argmax(logits, top).tolist()
             paths: list[list[int]] = []
             for row in range(batch):
