@@ -174,7 +174,7 @@ class TokenRecycling(Drafter):
     tree = True
 
     def __init__(self, vocab_size: int, top_k: int = 8, paths: list[tuple[int, ...]] | None = None) -> None:
-        self.top_k = self.top_candidates = top_k
+        self.top_k = top_k
         paths = budget_tree(16, top_k, 6) if paths is None else paths
         self.paths = sorted(paths, key=lambda p: (any(p), len(p), p))      # the rank-0 chain first
         if any(r >= top_k for p in self.paths for r in p):
@@ -184,6 +184,10 @@ class TokenRecycling(Drafter):
         self.ranks = [p[-1] for p in self.paths]
         self.adjacency = torch.zeros(vocab_size, top_k, dtype=torch.int32)
         self.known = torch.zeros(vocab_size, dtype=torch.bool)
+
+    @property
+    def top_candidates(self) -> int:      # observe reads the target's top-k of every scored position
+        return self.top_k
 
     @property
     def nbytes(self) -> int:

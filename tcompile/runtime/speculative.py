@@ -229,8 +229,8 @@ class SpeculativeRuntime(LMRuntime):
             if do_sample:
                 probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
             else:
-                wanted = min(max(self.drafter.top_candidates, 2), logits.shape[-1])
-                top = logits.topk(wanted, dim=-1) if self.drafter.top_candidates else None
+                if self.drafter.top_candidates:
+                    top = logits.topk(min(max(self.drafter.top_candidates, 2), logits.shape[-1]), dim=-1)
                 argmax = greedy_argmax(logits, top).tolist()
             paths: list[list[int]] = []
             for row in range(batch):
