@@ -149,6 +149,9 @@ def test_greedy_argmax_from_the_drafters_top_k_breaks_ties_as_argmax():
     swapped = torch.return_types.topk((top.values, torch.tensor([[[3, 1], [2, 0]]])))
     assert greedy_argmax(logits, swapped).tolist() == logits.argmax(-1).tolist() == [[1, 2]]
     assert greedy_argmax(logits).tolist() == [[1, 2]]
+    # a top-k of one column (a one-token vocabulary) cannot show a tie: argmax decides
+    one = torch.return_types.topk((top.values[..., :1], torch.tensor([[[3], [2]]])))
+    assert greedy_argmax(logits, one).tolist() == [[1, 2]]
 
 
 def test_pass_is_registered_and_options_are_validated():
